@@ -1,0 +1,93 @@
+"""The framework-free decoding loop every backend runs: stopping rules live here, once.
+
+A backend supplies a ``Decoder`` (its model, cache and the four Medusa steps in its own
+framework); this module turns it into a stream of ``Step``s for baseline or Medusa decoding with
+identical stopping semantics: stop ids (EOS included) end generation *including* the stop token
+and nothing after it, ``max_new_tokens`` counts tokens (never steps), and generation ends cleanly,
+with ``finish_reason="length"``, before a forward pass would overflow the KV budget.
+
+The engine knows only token ids; text, templates and stop strings live at the edges.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Optional, Protocol
+
+from .config import GenerationConfig
+
+
+@dataclass(frozen=True)
+class Step:
+    """What one decoding step emitted.
+
+    tokens:        the ids emitted by this step, in order (1 for baseline; 1 + accepted for Medusa)
+    accepted:      how many speculative (head-proposed) tokens the tree verification accepted
+    finish_reason: None while generating; "stop" (stop id emitted) or "length" (token or KV budget)
+    """
+
+    tokens: tuple[int, ...]
+    accepted: int = 0
+    finish_reason: Optional[str] = None
+
+
+class Decoder(Protocol):
+    """The per-backend primitives. ``root`` is the token chosen last but not yet in the KV cache."""
+
+    max_len: int  # KV budget in positions
+
+    @property
+    def cache_length(self) -> int: ...
+
+    @property
+    def tree_size(self) -> int: ...
+
+    def prefill(self, ids: list[int], cfg: GenerationConfig) -> int:
+        """Reset the cache, run the prompt, return the first new token."""
+
+    def decode_one(self, root: int, cfg: GenerationConfig) -> int:
+        """Baseline: write ``root`` into the cache, return the next token."""
+
+    def medusa_step(self, root: int, cfg: GenerationConfig) -> tuple[list[int], int, int]:
+        """Verify a tree rooted at ``root``: (emitted ids starting with root, accepted, next root)."""
+
+
+def generate(decoder: Decoder, prompt_ids: list[int], cfg: GenerationConfig) -> Iterator[Step]:
+    """Stream the completion of ``prompt_ids``, baseline or Medusa as ``cfg.medusa`` says."""
+    if not prompt_ids:
+        raise ValueError("the prompt is empty")
+    if len(prompt_ids) + 1 > decoder.max_len:
+        raise ValueError(f"prompt of {len(prompt_ids)} tokens does not fit the KV budget of {decoder.max_len}")
+    stops = set(cfg.stop_token_ids)
+    root = decoder.prefill(list(prompt_ids), cfg)
+    emitted = 0
+    width = decoder.tree_size if cfg.medusa else 1
+    while True:
+        remaining = cfg.max_new_tokens - emitted
+        if root in stops or remaining == 1 or decoder.cache_length + width > decoder.max_len:
+            yield Step((root,), 0, "stop" if root in stops else "length")
+            return
+        if cfg.medusa:
+            tokens, accepted, root = decoder.medusa_step(root, cfg)
+        else:
+            tokens, accepted, root = [root], 0, decoder.decode_one(root, cfg)
+        tokens, reason = _truncate(tokens, stops, remaining)
+        emitted += len(tokens)
+        yield Step(tuple(tokens), min(accepted, len(tokens) - 1), reason)
+        if reason:
+            return
+
+
+def _truncate(tokens: list[int], stops: set[int], remaining: int) -> tuple[list[int], Optional[str]]:
+    """Cut an accepted chunk after its first stop id or at the token budget."""
+    for i, tok in enumerate(tokens[:remaining]):
+        if tok in stops:
+            return tokens[: i + 1], "stop"
+    if len(tokens) >= remaining:
+        return tokens[:remaining], "length"
+    return tokens, None
+
+
+def generate_ids(decoder: Decoder, prompt_ids: list[int], cfg: GenerationConfig) -> tuple[list[int], list[Step]]:
+    """Run to completion: (all new ids, the steps)."""
+    steps = list(generate(decoder, prompt_ids, cfg))
+    return [t for s in steps for t in s.tokens], steps

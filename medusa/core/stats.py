@@ -1,0 +1,79 @@
+"""Run statistics: per-generation records -> per-mode summaries, speedups, a table and JSON.
+
+Both arms of a comparison are counted the same way: new tokens emitted (stop token included)
+over wall time including prefill; mean accept length is tokens per decoding step (1 for the
+baseline), the Medusa paper's τ.
+"""
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass
+from typing import Any, Iterable, Optional, Sequence
+
+
+@dataclass
+class Record:
+    question_id: Any
+    category: str
+    mode: str
+    turn: int
+    new_tokens: int
+    steps: int
+    wall_time_s: float
+    output_ids: list[int]
+    accept_hist: Optional[dict[int, int]] = None  # tokens per step -> number of steps
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def summarize(records: Iterable[Record]) -> dict[str, dict[str, Any]]:
+    """Per mode: tokens_per_second, total_tokens, total_time_s, mean_accept_length, per_category."""
+    by_mode: dict[str, list[Record]] = defaultdict(list)
+    for r in records:
+        by_mode[r.mode].append(r)
+    return {mode: _summary(rs) for mode, rs in by_mode.items()}
+
+
+def _summary(rs: Sequence[Record]) -> dict[str, Any]:
+    cats: dict[str, list[Record]] = defaultdict(list)
+    for r in rs:
+        cats[r.category].append(r)
+    out = _totals(rs)
+    hist: Counter[int] = Counter()
+    for r in rs:
+        hist.update({int(k): v for k, v in (r.accept_hist or {}).items()})
+    out["accept_hist"] = dict(sorted(hist.items()))
+    out["per_category"] = {c: _totals(v) for c, v in sorted(cats.items())}
+    return out
+
+
+def _totals(rs: Sequence[Record]) -> dict[str, Any]:
+    tokens = sum(r.new_tokens for r in rs)
+    time_s = sum(r.wall_time_s for r in rs)
+    steps = sum(r.steps for r in rs)
+    return {
+        "tokens_per_second": tokens / time_s if time_s > 0 else 0.0,
+        "total_tokens": tokens,
+        "total_time_s": time_s,
+        "mean_accept_length": tokens / steps if steps else 0.0,
+    }
+
+
+def speedups(summary: dict[str, dict[str, Any]], reference: str = "baseline") -> dict[str, float]:
+    """tokens/s of every other mode over the reference mode's."""
+    if reference not in summary or not summary[reference]["tokens_per_second"]:
+        return {}
+    ref = summary[reference]["tokens_per_second"]
+    return {m: s["tokens_per_second"] / ref for m, s in summary.items() if m != reference}
+
+
+def format_table(summary: dict[str, dict[str, Any]], speedup: dict[str, float]) -> str:
+    """A fixed-width table, one row per mode."""
+    head = f"{'mode':<12}{'tokens':>8}{'time s':>9}{'tok/s':>9}{'τ (tok/step)':>14}{'speedup':>9}"
+    lines = [head, "-" * len(head)]
+    for mode, s in summary.items():
+        sp = f"{speedup[mode]:.2f}x" if mode in speedup else "-"
+        lines.append(f"{mode:<12}{s['total_tokens']:>8}{s['total_time_s']:>9.2f}"
+                     f"{s['tokens_per_second']:>9.2f}{s['mean_accept_length']:>14.2f}{sp:>9}")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Medusa-1 head training: data (ShareGPT, self-distillation), hidden-state cache, trainer, trees."""

@@ -1,0 +1,1 @@
+"""Evaluation: speed benchmark, answer generation, LLM judge, results and plots."""

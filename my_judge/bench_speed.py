@@ -1,0 +1,120 @@
+"""Speed benchmark: baseline vs Medusa (and optional HF references) on MT-Bench-format questions.
+
+Prints a table, then the summary as one JSON line (last line).  OUT.json holds ``records`` (one per
+question x turn x mode), ``summary`` per mode, ``speedup`` over the baseline and, at temperature 0,
+whether Medusa's output ids equal the baseline's for every question.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from tqdm import tqdm
+
+from medusa.core.backends import BACKENDS, load_backend
+from medusa.core.checkpoint import atomic_write_text
+from medusa.core.config import GenerationConfig
+from medusa.core.models import DEFAULT_MODEL
+from medusa.core.prompts import stop_token_ids
+from medusa.core.stats import Record, format_table, speedups, summarize
+
+from .harness import Arm, backend_arm, hf_arm, run_question
+from .questions import load_questions
+
+log = logging.getLogger("bench_speed")
+
+MODES = {"baseline": ("baseline",), "medusa": ("medusa",), "both": ("baseline", "medusa"),
+         "all": ("baseline", "medusa", "hf", "hf_lookup")}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--backend", choices=list(BACKENDS), default="torch")
+    p.add_argument("--mode", choices=list(MODES), default="both",
+                   help="arms to run; 'all' adds HF generate and HF prompt-lookup on the same weights")
+    p.add_argument("--questions", type=Path, default=None, help="MT-Bench-format JSONL (default: MT-Bench)")
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--turns", type=int, default=None, help="turns per question (default: all)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--medusa-heads", default=None, help="Medusa checkpoint dir (default: the model's shipped heads)")
+    p.add_argument("--tree", default=None)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--conv-template", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--show-answers", action="store_true", help="print every answer's text")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    questions = load_questions(args.questions, args.limit)
+    backend = load_backend(args.backend, model=args.model, heads=args.medusa_heads, tree=args.tree,
+                           dtype=args.dtype, device=args.device)
+    tok = backend.tokenizer
+    cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+                           stop_token_ids=stop_token_ids(tok, args.conv_template))
+    arms = _arms(MODES[args.mode], backend, args)
+    records: list[Record] = []
+    for arm in arms:
+        run_question(arm, tok, questions[0], cfg.with_(max_new_tokens=8), args.conv_template, 1)  # warm-up
+        for q in tqdm(questions, desc=f"{args.backend}/{arm.name}", unit="q"):
+            recs, answers = run_question(arm, tok, q, cfg, args.conv_template, args.turns)
+            records += recs
+            if args.show_answers:
+                _show(q, recs, answers)
+    result = _result(records, backend.describe(), vars(args), args.temperature == 0)
+    print(format_table(result["summary"], result["speedup"]))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(args.out, json.dumps(result, indent=1, default=str))
+    print(json.dumps({"backend": args.backend, "summary": _compact(result["summary"]), "speedup": result["speedup"],
+                      "outputs_identical": result["outputs_identical"]}))
+    return result
+
+
+def _show(question: dict[str, Any], records: list[Record], answers: list[str]) -> None:
+    for rec, answer, prompt in zip(records, answers, question["turns"]):
+        tps = rec.new_tokens / rec.wall_time_s if rec.wall_time_s else 0.0
+        print(f"\n### [{rec.mode}] question {rec.question_id} turn {rec.turn}: {prompt[:100]}\n{answer}\n"
+              f"--- {rec.new_tokens} tokens, {tps:.1f} tok/s, {rec.new_tokens / max(rec.steps, 1):.2f} tokens/step")
+
+
+def _arms(modes: Sequence[str], backend: Any, args: argparse.Namespace) -> list[Arm]:
+    arms = [backend_arm(backend, medusa=m == "medusa") for m in modes if m in ("baseline", "medusa")]
+    if any(m.startswith("hf") for m in modes):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from medusa.backend import torch_dtype
+
+        hf = AutoModelForCausalLM.from_pretrained(backend.model_dir, dtype=torch_dtype(args.dtype))
+        hf = hf.to(backend.describe()["device"]).eval()
+        torch.manual_seed(args.seed)
+        arms += [hf_arm(hf, "hf"), hf_arm(hf, "hf_lookup", prompt_lookup=10)]
+    return arms
+
+
+def _result(records: list[Record], setup: dict[str, Any], argv: dict[str, Any], greedy: bool) -> dict[str, Any]:
+    summary = summarize(records)
+    by_key = {(r.mode, r.question_id, r.turn): r.output_ids for r in records}
+    identical: Optional[bool] = None
+    if greedy and "baseline" in summary and "medusa" in summary:
+        identical = all(ids == by_key.get(("baseline", q, t)) for (m, q, t), ids in by_key.items() if m == "medusa")
+    return {"setup": setup, "args": argv, "records": [r.to_dict() for r in records], "summary": summary,
+            "speedup": speedups(summary), "outputs_identical": identical}
+
+
+def _compact(summary: dict[str, Any]) -> dict[str, Any]:
+    return {m: {k: v for k, v in s.items() if k != "per_category"} for m, s in summary.items()}
+
+
+if __name__ == "__main__":
+    main()

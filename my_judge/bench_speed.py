@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -52,12 +53,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    questions = load_questions(args.questions, args.limit)
-    backend = load_backend(args.backend, model=args.model, heads=args.medusa_heads, tree=args.tree,
-                           dtype=args.dtype, device=args.device)
+    try:
+        questions = load_questions(args.questions, args.limit)
+        backend = load_backend(args.backend, model=args.model, heads=args.medusa_heads, tree=args.tree,
+                               dtype=args.dtype, device=args.device)
+    except (ValueError, FileNotFoundError) as err:
+        log.error("%s", err)
+        return 2
+    bench(args, questions, backend)
+    return 0
+
+
+def bench(args: argparse.Namespace, questions: list[dict[str, Any]], backend: Any) -> dict[str, Any]:
+    """Run every arm over the questions; print the table and the JSON line; write --out."""
     tok = backend.tokenizer
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
                            stop_token_ids=stop_token_ids(tok, args.conv_template))
@@ -117,4 +128,4 @@ def _compact(summary: dict[str, Any]) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -117,6 +117,13 @@ def test_clear_errors_for_bad_inputs(tmp_path):
     run = subprocess.run([sys.executable, "-m", "medusa.inference.cli", "--model", str(tmp_path / "nope")],
                          input="", capture_output=True, text=True, timeout=300)
     assert run.returncode == 2 and "not found" in run.stderr
+    bad_jsonl = tmp_path / "q.jsonl"
+    bad_jsonl.write_text('{"question_id": 1, "turns": ["hi"]}\n{broken\n')
+    for extra, message in ((["--questions", str(bad_jsonl)], "q.jsonl:2: not valid JSON"),
+                           (["--backend", "jittor", "--limit", "1"], "backend 'jittor'")):
+        run = subprocess.run([sys.executable, "-m", "my_judge.bench_speed", *extra], capture_output=True, text=True,
+                             timeout=300)
+        assert run.returncode == 2 and message in run.stderr, run.stderr
     from medusa.backend import TorchBackend
     from medusa.core.checkpoint import CheckpointError, save_checkpoint
     from medusa.core.config import MedusaConfig

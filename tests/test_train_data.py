@@ -1,0 +1,65 @@
+"""Training data: tolerant ShareGPT reading and resumable self-distillation."""
+import json
+
+import pytest
+
+from medusa.train.data import iter_jsonl, load_conversations, normalise
+
+GOOD = {"id": "a", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}
+ROLES = {"messages": [{"role": "system", "content": "be nice"}, {"role": "user", "content": "hey"}]}
+
+
+def test_truncated_json_array_keeps_complete_items(tmp_path):
+    text = json.dumps([GOOD, dict(GOOD, id="b"), ROLES], indent=1)
+    f = tmp_path / "sharegpt.json"
+    f.write_text(text[: text.rindex('"hey"')])  # cut inside the third item
+    convs, skipped = load_conversations(f)
+    assert [c.id for c in convs] == ["a", "b"] and skipped == 1
+    assert convs[0].messages == ({"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"})
+
+
+def test_jsonl_and_role_content_messages(tmp_path):
+    f = tmp_path / "data.jsonl"
+    f.write_text(json.dumps(GOOD) + "\n" + json.dumps(ROLES) + "\n{bad line\n")
+    convs, skipped = load_conversations(f)
+    assert len(convs) == 2 and skipped == 1 and convs[1].messages[0]["role"] == "system"
+
+
+@pytest.mark.parametrize("turns", [
+    [{"from": "gpt", "value": "starts with the model"}],
+    [{"from": "human", "value": "a"}, {"from": "human", "value": "b"}],
+    [{"from": "human", "value": "   "}],
+    [{"from": "alien", "value": "x"}],
+    [],
+])
+def test_malformed_conversations_are_filtered(turns):
+    assert normalise({"conversations": turns}, "x") is None
+
+
+def test_iter_jsonl_skips_a_half_written_last_line(tmp_path):
+    f = tmp_path / "out.jsonl"
+    f.write_text('{"id": 1}\n{"id": 2}\n{"id": 3')
+    assert [r["id"] for r in iter_jsonl(f)] == [1, 2]
+
+
+def test_self_distillation_resumes_after_interruption(tmp_path, smol_dir):
+    from transformers import AutoTokenizer
+
+    from medusa.llama import load_llama
+    from medusa.train.data import Conversation
+    from medusa.train.distill import distill
+
+    from .conftest import make_hf_model
+
+    tok = AutoTokenizer.from_pretrained(smol_dir)
+    make_hf_model(tmp_path / "model", vocab_size=tok.vocab_size + len(tok.get_added_vocab()))
+    model = load_llama(tmp_path / "model")
+    convs = [Conversation(f"c{i}", ({"role": "user", "content": f"question {i}"},)) for i in range(5)]
+    out = tmp_path / "distill.jsonl"
+    assert distill(model, tok, convs, out, batch_size=2, max_new_tokens=4, limit=3) == 3
+    with out.open("a") as f:
+        f.write('{"id": "half-writ')  # a crash in the middle of a write
+    assert distill(model, tok, convs, out, batch_size=2, max_new_tokens=4) == 2
+    records = list(iter_jsonl(out))
+    assert sorted(r["id"] for r in records) == [f"c{i}" for i in range(5)]
+    assert out.read_text().endswith("\n") and all(r["messages"][-1]["role"] == "assistant" for r in records)

@@ -16,7 +16,7 @@ from .core import engine
 from .core.buffers import build_buffers
 from .core.checkpoint import load_checkpoint
 from .core.config import GenerationConfig, MedusaConfig
-from .core.models import DEFAULT_MODEL, resolve_model
+from .core.models import DEFAULT_MODEL, resolve_model, shipped_heads
 from .core.trees import resolve as resolve_tree
 from .decoding import (TorchTree, evaluate_posterior, generate_candidates, sample_token, sample_typical,
                        tree_decode, update_inputs)
@@ -104,29 +104,38 @@ class TorchBackend:
 
     def __init__(self, model: str = DEFAULT_MODEL, heads: Optional[str] = None, tree: Optional[str] = None,
                  dtype: str = "float32", device: str = "auto", max_len: int = 2048) -> None:
+        """``heads``: a checkpoint dir; None = the heads shipped for ``model`` (if any); "fresh" = untrained."""
         from transformers import AutoTokenizer
 
         self.model_name, self.model_dir = model, resolve_model(model)
         self.device, self.dtype = pick_device(device), torch_dtype(dtype)
         self.model = load_llama(self.model_dir, self.dtype, self.device, pack=True)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        self.heads_path = Path(heads) if heads else None
+        self.heads_path = shipped_heads(model) if heads is None else None if heads == "fresh" else Path(heads)
         self.heads = self._load_heads()
         self.heads_config = self.heads.config
-        self.tree_name = tree or self.heads_config.tree or DEFAULT_TREE
+        self.tree_name = tree or self._heads_tree() or DEFAULT_TREE
         buffers = build_buffers(resolve_tree(self.tree_name, self.heads_config.medusa_num_heads))
         self.decoder = TorchDecoder(self.model, self.heads_topk, TorchTree.from_buffers(buffers, self.device), max_len)
 
     def _load_heads(self) -> MedusaHeads:
-        """The checkpoint's heads, or fresh ones (ResBlocks at identity, base lm_head) when none is given."""
+        """The checkpoint's heads, or fresh ones (ResBlocks at identity, base lm_head) when there is none."""
         args = self.model.args
         if self.heads_path is None:
-            log.warning("no Medusa heads given: using freshly initialised heads (expect little speed-up)")
+            log.warning("no Medusa heads for %s: using freshly initialised heads (expect little speed-up)",
+                        self.model_name)
             heads = MedusaHeads(FRESH_HEADS, args.hidden_size, args.vocab_size).to(device=self.device, dtype=self.dtype)
         else:
             config, state = load_checkpoint(self.heads_path)
             heads = heads_from_state(config, state, args.hidden_size, args.vocab_size, self.dtype, self.device)
         return pack_linears(heads.eval())
+
+    def _heads_tree(self) -> Optional[str]:
+        """The tree the heads' config.json names: a named tree or a file beside the heads."""
+        name = self.heads_config.tree
+        if name and self.heads_path is not None and (self.heads_path / name).is_file():
+            return str(self.heads_path / name)
+        return name
 
     def heads_topk(self, hidden: Tensor) -> Tensor:
         return self.heads.topk(hidden, self.model.output)

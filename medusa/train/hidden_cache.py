@@ -1,0 +1,66 @@
+"""Backbone hidden states cached on disk, so epochs and head configurations reuse one backbone pass.
+
+On a CPU the backbone forward dominates training time; with the backbone frozen its final hidden
+states never change, so they are computed once.  Shards (``shard-NNNNN.npz``: ``hidden`` fp16
+[tokens, h], ``ids`` and ``labels`` int32 [tokens], ``offsets`` [examples + 1]) are written
+atomically, one per ``shard_size`` examples, and a rerun skips the examples already cached.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..core.checkpoint import atomic_write_text
+from ..llama import KVCache, Transformer
+from .dataset import Example
+
+log = logging.getLogger(__name__)
+
+
+@torch.inference_mode()
+def hidden_states(model: Transformer, ids: list[int]) -> torch.Tensor:
+    """Final-norm hidden states [T, h] of one sequence (causal prefill)."""
+    t = len(ids)
+    device = model.tok_embeddings.weight.device
+    cache = KVCache(model.args, t, model.tok_embeddings.weight.dtype, device)
+    mask = torch.ones(t, t, dtype=torch.bool, device=device).tril()
+    return model(torch.tensor([ids], device=device), torch.arange(t, device=device), mask, cache)[0]
+
+
+def build_cache(model: Transformer, examples: Sequence[Example], out_dir: Path, shard_size: int = 256) -> int:
+    """Cache hidden states of ``examples`` (in order) under ``out_dir``; returns examples cached in all."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    done = sum(len(np.load(f)["offsets"]) - 1 for f in shard_files(out_dir))
+    todo = range(done, len(examples))
+    with tqdm(total=len(examples), initial=done, desc="hidden cache", unit="ex") as bar:
+        for start in range(done, len(examples), shard_size):
+            chunk = examples[start:start + shard_size]
+            _write_shard(out_dir / f"shard-{start // shard_size:05d}.npz", model, chunk, bar)
+    if todo:
+        atomic_write_text(out_dir / "meta.json", json.dumps({"examples": len(examples),
+                                                             "hidden_size": model.args.hidden_size}) + "\n")
+    return len(examples)
+
+
+def _write_shard(path: Path, model: Transformer, chunk: Sequence[Example], bar: tqdm) -> None:
+    hidden, offsets = [], [0]
+    for ex in chunk:
+        hidden.append(hidden_states(model, ex.ids).float().cpu().numpy().astype(np.float16))
+        offsets.append(offsets[-1] + len(ex.ids))
+        bar.update(1)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, hidden=np.concatenate(hidden), offsets=np.array(offsets, dtype=np.int64),
+             ids=np.array([i for ex in chunk for i in ex.ids], dtype=np.int32),
+             labels=np.array([i for ex in chunk for i in ex.labels], dtype=np.int32))
+    os.replace(tmp, path)
+
+
+def shard_files(cache_dir: Path) -> list[Path]:
+    return sorted(cache_dir.glob("shard-*.npz"))

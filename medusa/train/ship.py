@@ -1,0 +1,38 @@
+"""Copy trained heads into the package (``medusa/shipped/NAME``) as fp16 safetensors.
+
+What ships: the Medusa checkpoint (``config.json`` naming its tree, ``medusa_lm_head.safetensors``),
+``tree.json`` from the tree search and ``metrics.json`` from training; the optimiser state does not.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from ..core.checkpoint import CONFIG_NAME, load_checkpoint, save_checkpoint
+
+
+def ship(heads_dir: Path, dest: Path) -> Path:
+    config, state = load_checkpoint(heads_dir)
+    extra = {k: v for k, v in json.loads((heads_dir / CONFIG_NAME).read_text()).items() if k == "training"}
+    save_checkpoint(dest, config, {k: v.astype(np.float16) for k, v in state.items()}, extra=extra)
+    for name in ("tree.json", "metrics.json"):
+        if (heads_dir / name).is_file():
+            shutil.copy(heads_dir / name, dest / name)
+    return dest
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--medusa-heads", type=Path, required=True)
+    p.add_argument("--name", required=True, help="model short name, e.g. smollm2-135m")
+    args = p.parse_args(argv)
+    ship(args.medusa_heads, Path(__file__).resolve().parents[1] / "shipped" / args.name)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""Head training: target alignment, loss, a tiny run that learns, tree search, checkpoint compatibility."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from medusa.core.checkpoint import load_checkpoint, save_checkpoint
+from medusa.core.config import MedusaConfig
+from medusa.core.trees import TOPK, chain, validate
+from medusa.heads import MedusaHeads, heads_from_state
+from medusa.train.dataset import IGNORE_INDEX, tokenize_conversation
+from medusa.train.trainer import TokenData, TrainConfig, head_targets, medusa_loss, train
+from medusa.train.tree_search import choose_tree, expected_accept_length, greedy_tree
+
+X = IGNORE_INDEX
+
+
+def test_head_k_targets_the_token_k_plus_2_ahead_within_its_example():
+    labels = np.array([X, 11, 12, 13, 14, X, 21, 22, 23])
+    offsets = np.array([0, 5, 9])  # two examples: positions 0-4 and 5-8
+    t = head_targets(labels, offsets, num_heads=2)
+    assert t[:, 0].tolist() == [12, 13, 14, X, X, 22, 23, X, X]
+    assert t[:, 1].tolist() == [13, 14, X, X, X, 23, X, X, X]
+
+
+def test_loss_decay_weights_and_no_nan_without_labels():
+    logits = torch.zeros(3, 4, 10)
+    targets = torch.tensor([[1, 2, X], [3, X, X], [X, X, X], [4, 5, X]])
+    loss, per_head = medusa_loss(logits, targets, decay=0.5)
+    ln10 = math.log(10)
+    assert per_head == pytest.approx([ln10, ln10, 0.0])
+    assert loss.item() == pytest.approx(ln10 + 0.5 * ln10)
+    all_ignored, _ = medusa_loss(logits, torch.full((4, 3), X), decay=0.8)
+    assert torch.isfinite(all_ignored) and all_ignored.item() == 0.0
+
+
+def test_labels_only_on_assistant_tokens(smol_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smol_dir)
+    messages = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello! How can I help?"},
+                {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye."}]
+    ex = tokenize_conversation(tok, messages, max_length=512)
+    labelled = tok.decode([i for i, l in zip(ex.ids, ex.labels) if l != X])
+    assert labelled == "Hello! How can I help?<|im_end|>Goodbye.<|im_end|>"
+    assert all(l in (X, i) for i, l in zip(ex.ids, ex.labels))
+    assert len(tokenize_conversation(tok, messages, max_length=10).ids) == 10
+
+
+def synthetic_cache(tmp_path, vocab=64, hidden=32, n=3000):
+    """Hidden states that encode the future: token t+2 is a fixed function of h_t, learnable by a ResBlock."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, vocab, n)
+    proj = rng.standard_normal((vocab, hidden)).astype(np.float32)
+    h = np.zeros((n, hidden), np.float32)
+    h[:-2] = proj[ids[2:]] + 0.1 * rng.standard_normal((n - 2, hidden))
+    np.savez(tmp_path / "shard-00000.npz", hidden=h.astype(np.float16), ids=ids.astype(np.int32),
+             labels=ids.astype(np.int32), offsets=np.array([0, n]))
+    return tmp_path
+
+
+def test_tiny_training_run_learns(tmp_path):
+    cache = synthetic_cache(tmp_path / "cache")
+    data = TokenData(cache, num_heads=1)
+    heads = MedusaHeads(MedusaConfig(1, 1, shared_lm_head=False), 32, 64)
+    lm_head = nn.Linear(32, 64, bias=False)
+    cfg = TrainConfig(num_heads=1, num_layers=1, shared_lm_head=False, epochs=6, batch_tokens=256, lr=1e-2,
+                      bf16=False, save_every=1000)
+    metrics = train(heads, lm_head, data, data, cfg, tmp_path / "out", "tiny")
+    assert metrics["top1"][0] > 0.5  # chance is 1/64
+    cfg2, state = load_checkpoint(tmp_path / "out")
+    assert cfg2.medusa_num_heads == 1 and (tmp_path / "out" / "trainer_state.pt").exists()
+    resumed = train(heads, lm_head, data, data, cfg, tmp_path / "out", "tiny")  # already complete: no new steps
+    assert resumed["top1"][0] == pytest.approx(metrics["top1"][0])
+
+
+SYNTH_ACC = [[0.5, 0.15, 0.08] + [0.02] * 7, [0.3, 0.1, 0.05] + [0.02] * 7, [0.2, 0.08] + [0.02] * 8]
+
+
+def test_greedy_tree_is_valid_and_beats_a_chain():
+    for n in (3, 8, 20):
+        tree = greedy_tree(SYNTH_ACC, n)
+        assert validate(tree) == tree and len(tree) == n and max(len(p) for p in tree) <= 3
+        chain_n = tuple((0,) * d for d in range(1, 4))[:n] if n <= 3 else None
+        if chain_n is not None:
+            assert expected_accept_length(tree, SYNTH_ACC) >= expected_accept_length(chain_n, SYNTH_ACC)
+    # at equal size the best tree beats the same-size chain once branching pays off
+    three = greedy_tree(SYNTH_ACC, 3)
+    assert expected_accept_length(three, SYNTH_ACC) > expected_accept_length(chain(3), SYNTH_ACC)
+
+
+def test_latency_aware_choice_prefers_small_trees_when_latency_grows_steeply():
+    flat = choose_tree(SYNTH_ACC, lambda tree: 0.05, budgets=(1, 4, 16, 32))
+    steep = choose_tree(SYNTH_ACC, lambda tree: 0.05 * (1 + 0.2 * len(tree)), budgets=(1, 4, 16, 32))
+    assert flat["chosen"]["nodes"] == 32
+    assert steep["chosen"]["nodes"] < flat["chosen"]["nodes"]
+
+
+class OriginalResBlock(nn.Module):
+    def __init__(self, h):
+        super().__init__()
+        self.linear = nn.Linear(h, h)
+        self.act = nn.SiLU()
+
+
+def original_heads(n, layers, h, v):
+    """The module structure of FasterDecoding's MedusaModel.medusa_head."""
+    return nn.ModuleList(nn.Sequential(*[OriginalResBlock(h) for _ in range(layers)], nn.Linear(h, v, bias=False))
+                         for _ in range(n))
+
+
+def test_fasterdecoding_checkpoints_load_both_ways(tmp_path):
+    torch.manual_seed(0)
+    theirs = original_heads(3, 2, 16, 40)
+    (tmp_path / "theirs").mkdir()
+    torch.save(theirs.state_dict(), tmp_path / "theirs" / "medusa_lm_head.pt")
+    (tmp_path / "theirs" / "config.json").write_text('{"medusa_num_heads": 3, "medusa_num_layers": 2}')
+    cfg, state = load_checkpoint(tmp_path / "theirs")
+    ours = heads_from_state(cfg, state, 16, 40, torch.float32, "cpu")
+    x = torch.randn(16)
+    for k in range(3):
+        blocks = theirs[k]
+        y = x
+        for b in blocks[:-1]:
+            y = y + b.act(b.linear(y))
+        torch.testing.assert_close(ours(x, None)[k], blocks[-1](y))
+    save_checkpoint(tmp_path / "ours", cfg, ours.numpy_state(), fmt="pt")
+    back = original_heads(3, 2, 16, 40)
+    back.load_state_dict(torch.load(tmp_path / "ours" / "medusa_lm_head.pt"), strict=True)
+    assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), theirs.state_dict().values()))

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .core import engine
 from .core.buffers import build_buffers
-from .core.checkpoint import load_checkpoint
+from .core.checkpoint import StateDict, load_checkpoint
 from .core.config import GenerationConfig, MedusaConfig
 from .core.models import DEFAULT_MODEL, resolve_model, shipped_heads
 from .core.trees import resolve as resolve_tree
@@ -109,26 +109,31 @@ class TorchBackend:
 
         self.model_name, self.model_dir = model, resolve_model(model)
         self.device, self.dtype = pick_device(device), torch_dtype(dtype)
-        self.model = load_llama(self.model_dir, self.dtype, self.device, pack=True)
+        self.model = load_llama(self.model_dir, self.dtype, self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.heads_path = shipped_heads(model) if heads is None else None if heads == "fresh" else Path(heads)
-        self.heads = self._load_heads()
-        self.heads_config = self.heads.config
+        self.heads_config, self.heads = self._load_heads()  # before packing: heads may copy the dense lm_head
+        pack_linears(self.model)
         self.tree_name = tree or self._heads_tree() or DEFAULT_TREE
         buffers = build_buffers(resolve_tree(self.tree_name, self.heads_config.medusa_num_heads))
         self.decoder = TorchDecoder(self.model, self.heads_topk, TorchTree.from_buffers(buffers, self.device), max_len)
 
-    def _load_heads(self) -> MedusaHeads:
-        """The checkpoint's heads, or fresh ones (ResBlocks at identity, base lm_head) when there is none."""
-        args = self.model.args
+    def _heads_checkpoint(self) -> tuple[MedusaConfig, Optional[StateDict]]:
+        """The heads' config and numpy weights; (fresh config, None) when there is no checkpoint."""
         if self.heads_path is None:
             log.warning("no Medusa heads for %s: using freshly initialised heads (expect little speed-up)",
                         self.model_name)
-            heads = MedusaHeads(FRESH_HEADS, args.hidden_size, args.vocab_size).to(device=self.device, dtype=self.dtype)
+            return FRESH_HEADS, None
+        return load_checkpoint(self.heads_path)
+
+    def _load_heads(self) -> tuple[MedusaConfig, MedusaHeads]:
+        args = self.model.args
+        config, state = self._heads_checkpoint()
+        if state is None:
+            heads = MedusaHeads(config, args.hidden_size, args.vocab_size).to(device=self.device, dtype=self.dtype)
         else:
-            config, state = load_checkpoint(self.heads_path)
             heads = heads_from_state(config, state, args.hidden_size, args.vocab_size, self.dtype, self.device)
-        return pack_linears(heads.eval())
+        return config, pack_linears(heads.eval())
 
     def _heads_tree(self) -> Optional[str]:
         """The tree the heads' config.json names: a named tree or a file beside the heads."""

@@ -10,7 +10,9 @@ from medusa.backend import TorchDecoder
 from medusa.core.config import GenerationConfig
 from medusa.core.engine import generate_ids
 from medusa.core.prompts import encode_prompt, stop_token_ids
-from medusa.core.trees import TOPK
+from medusa.core.buffers import build_buffers
+from medusa.core.trees import TOPK, chain
+from medusa.decoding import TorchTree
 from medusa.llama import KVCache, load_llama
 
 pytestmark = pytest.mark.slow
@@ -81,7 +83,8 @@ def test_eos_inside_an_accepted_chunk(smol_backend):
     cfg = GenerationConfig(max_new_tokens=200, stop_token_ids=stops)
     base, _ = generate_ids(smol_backend.decoder, ids, cfg.with_(medusa=False))
     assert base[-1] in stops, "the reference answer must end with EOS for this test"
-    decoder = TorchDecoder(smol_backend.model, None, smol_backend.decoder.tree, 512)
+    deep = TorchTree.from_buffers(build_buffers(chain(4)), "cpu")  # a chain lets oracle chunks reach 5 tokens
+    decoder = TorchDecoder(smol_backend.model, None, deep, 512)
     decoder.heads_topk = oracle_heads(base, len(ids), decoder)
     med, steps = generate_ids(decoder, ids, cfg)
     assert med == base
@@ -133,3 +136,37 @@ def test_clear_errors_for_bad_inputs(tmp_path):
     save_checkpoint(tmp_path / "heads", MedusaConfig(1, 1, shared_lm_head=True), bad)
     with pytest.raises(CheckpointError, match="another model"):
         TorchBackend(heads=str(tmp_path / "heads"))
+
+
+def test_tree_search_writes_a_tree_the_backend_then_uses(tmp_path, smol_backend):
+    from medusa.backend import TorchBackend
+    from medusa.core.checkpoint import save_checkpoint
+    from medusa.core.config import MedusaConfig
+    from medusa.heads import MedusaHeads
+    from medusa.train.tree_search import main as tree_search
+
+    args = smol_backend.model.args
+    heads = MedusaHeads(MedusaConfig(3, 1, shared_lm_head=True), args.hidden_size, args.vocab_size)
+    save_checkpoint(tmp_path, MedusaConfig(3, 1, "smollm2-135m", shared_lm_head=True), heads.numpy_state())
+    rank_acc = [[0.6, 0.2] + [0.02] * 8, [0.4, 0.1] + [0.02] * 8, [0.3] + [0.02] * 9]
+    (tmp_path / "metrics.json").write_text(json.dumps({"rank_accuracy": rank_acc}))
+    result = tree_search(["--medusa-heads", str(tmp_path), "--budgets", "1", "3", "6",
+                          "--plot", str(tmp_path / "t.png")])
+    assert result["chosen"]["nodes"] in (1, 3, 6) and all(r["latency_ms"] > 0 for r in result["candidates"])
+    assert (tmp_path / "t.png").stat().st_size > 0
+    backend = TorchBackend(heads=str(tmp_path))
+    assert backend.describe()["tree"].endswith("tree.json")
+    assert backend.decoder.tree_size == result["chosen"]["nodes"] + 1
+
+
+@pytest.mark.parametrize("acceptance", ["typical", "nucleus"])
+def test_sampled_medusa_is_seeded_and_well_formed(smol_backend, acceptance):
+    tok = smol_backend.tokenizer
+    ids = _chat(tok, PROMPTS[2])
+    cfg = GenerationConfig(max_new_tokens=40, temperature=0.8, top_p=0.9, acceptance=acceptance, seed=7,
+                           stop_token_ids=stop_token_ids(tok))
+    first, steps = generate_ids(smol_backend.decoder, ids, cfg)
+    again, _ = generate_ids(smol_backend.decoder, ids, cfg)
+    assert first == again and 0 < len(first) <= 40
+    assert all(0 <= t < smol_backend.model.args.vocab_size for t in first)
+    assert sum(len(s.tokens) for s in steps) == len(first)

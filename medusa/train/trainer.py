@@ -41,10 +41,10 @@ class TrainConfig:
     num_layers: int = 1
     shared_lm_head: bool = True
     decay: float = 0.8
-    lr: float = 1e-3
+    lr: float = 2e-3
     weight_decay: float = 0.0
     warmup_ratio: float = 0.05
-    epochs: int = 2
+    epochs: int = 1
     batch_tokens: int = 1024
     grad_accum: int = 1
     bf16: bool = True

@@ -19,8 +19,8 @@ mkdir -p "$WORK"
 $PY -m medusa.train.distill --model "$MODEL" --out "$DATA" --limit "${CONVERSATIONS:-2400}" \
     --batch-size "${DISTILL_BATCH:-32}" --max-new-tokens "${DISTILL_MAX_NEW:-256}"
 $LAUNCH -m medusa.train --model "$MODEL" --data "$DATA" --out "$OUT" \
-    --num-heads "${NUM_HEADS:-4}" --num-layers "${NUM_LAYERS:-1}" --epochs "${EPOCHS:-2}" \
-    --lr "${LR:-1e-3}" --batch-tokens "${BATCH_TOKENS:-1024}"
+    --num-heads "${NUM_HEADS:-4}" --num-layers "${NUM_LAYERS:-1}" --epochs "${EPOCHS:-1}" \
+    --lr "${LR:-2e-3}" --batch-tokens "${BATCH_TOKENS:-1024}"
 $PY -m medusa.train.tree_search --medusa-heads "$OUT" --model "$MODEL" --plot "$OUT/tree.png"
 if [ -n "${SHIP_AS:-}" ]; then
     $PY -m medusa.train.ship --medusa-heads "$OUT" --name "$SHIP_AS"

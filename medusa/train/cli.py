@@ -1,0 +1,117 @@
+"""``python -m medusa.train``: conversations -> tokenised examples -> hidden-state cache -> heads.
+
+Every stage resumes: the cache skips cached examples and training continues from the last saved
+step in ``--out``.  Conversations are split into train / held-out by a hash of their id, so the
+split is stable across runs and data growth.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from ..backend import pick_device, torch_dtype
+from ..core.config import MedusaConfig
+from ..core.models import DEFAULT_MODEL, cache_root, load_args, resolve_model
+from ..core.checkpoint import atomic_write_text, load_checkpoint
+from ..heads import MedusaHeads, heads_from_state
+from ..llama import load_llama
+from .data import load_conversations
+from .dataset import tokenize_conversation
+from .hidden_cache import build_cache
+from .trainer import HeadsWithBase, TokenData, TrainConfig, evaluate, train
+
+log = logging.getLogger("medusa.train")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Train Medusa-1 heads on a frozen base model.")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--data", type=Path, required=True, help="ShareGPT/JSONL conversations (e.g. self-distilled)")
+    p.add_argument("--out", type=Path, required=True, help="heads directory (checkpoint, metrics, resume state)")
+    p.add_argument("--cache-dir", type=Path, default=None, help="hidden-state cache (default: under JEDUSA_CACHE)")
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--eval-fraction", type=float, default=0.05)
+    p.add_argument("--conv-template", default=None)
+    p.add_argument("--backbone-dtype", default="bfloat16", help="dtype of the cached backbone pass")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--per-head-lm-head", action="store_true",
+                   help="original Medusa-1 heads with their own vocabulary projection (default: shared lm_head)")
+    defaults = TrainConfig()
+    for name in ("num_heads", "num_layers", "decay", "lr", "weight_decay", "warmup_ratio", "epochs", "batch_tokens",
+                 "grad_accum", "seed", "save_every"):
+        p.add_argument("--" + name.replace("_", "-"), type=type(getattr(defaults, name)), default=getattr(defaults, name))
+    p.add_argument("--fp32", action="store_true", help="train in fp32 instead of bf16 autocast")
+    p.add_argument("--eval-only", action="store_true",
+                   help="measure the heads in --out on the held-out split (per-head top-k accuracy) without training")
+    return p
+
+
+def held_out(conv_id: str, fraction: float) -> bool:
+    return int(hashlib.sha1(conv_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
+
+
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(num_heads=args.num_heads, num_layers=args.num_layers, shared_lm_head=not args.per_head_lm_head,
+                       decay=args.decay, lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
+                       epochs=args.epochs, batch_tokens=args.batch_tokens, grad_accum=args.grad_accum,
+                       bf16=not args.fp32, seed=args.seed, save_every=args.save_every)
+
+
+def prepare_data(args: argparse.Namespace, num_heads: int) -> tuple[Path, dict[str, TokenData]]:
+    """Tokenise, split and cache hidden states (PyTorch backbone); returns (model dir, {train, eval})."""
+    from accelerate import PartialState
+    from transformers import AutoTokenizer
+
+    model_dir = resolve_model(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    conversations, _ = load_conversations(args.data)
+    cache_dir = args.cache_dir or cache_root() / "hidden" / f"{model_dir.name}-{args.data.stem}-{args.max_length}"
+    device = pick_device(args.device)
+    backbone = load_llama(model_dir, torch_dtype(args.backbone_dtype), device, pack=device == "cpu")
+    data = {}
+    for split in ("train", "eval"):
+        convs = [c for c in conversations if held_out(c.id, args.eval_fraction) == (split == "eval")]
+        examples = [tokenize_conversation(tokenizer, c.messages, args.max_length, args.conv_template) for c in convs]
+        with PartialState().main_process_first():  # one process fills the cache, the others then find it full
+            build_cache(backbone, examples, cache_dir / split)
+        data[split] = TokenData(cache_dir / split, num_heads)
+        log.info("%s: %d conversations, %d trainable positions", split, len(convs), len(data[split]))
+    return model_dir, data
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = train_config(args)
+    model_dir, data = prepare_data(args, cfg.num_heads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    heads, lm_head = _heads(model_dir, cfg)
+    if args.eval_only:
+        config, state = load_checkpoint(args.out)
+        heads = heads_from_state(config, state, lm_head.in_features, lm_head.out_features, torch.float32, "cpu")
+        metrics = evaluate(HeadsWithBase(heads, lm_head), data["eval"], replace(cfg, num_heads=config.medusa_num_heads))
+        atomic_write_text(args.out / "metrics.json", json.dumps(metrics, indent=1) + "\n")
+    else:
+        metrics = train(heads, lm_head, data["train"], data["eval"], cfg, args.out, args.model)
+    log.info("held-out top-1 per head: %s", [round(a, 3) for a in metrics.get("top1", [])])
+    log.info("held-out top-5 per head: %s", [round(a, 3) for a in metrics.get("top5", [])])
+    return metrics
+
+
+def _heads(model_dir: Path, cfg: TrainConfig) -> tuple[MedusaHeads, torch.nn.Linear]:
+    """Fresh heads and the base model's dense (trainable-graph) lm_head in fp32."""
+    args = load_args(model_dir)
+    base = load_llama(model_dir, torch.float32, "cpu")
+    heads = MedusaHeads(MedusaConfig(cfg.num_heads, cfg.num_layers, shared_lm_head=cfg.shared_lm_head),
+                        args.hidden_size, args.vocab_size)
+    heads.init_lm_heads(base.output.weight.detach())
+    return heads, base.output
+
+

@@ -1,0 +1,60 @@
+"""Backend ``hybrid``: PyTorch backbone, static KV cache and tree decoding from ``medusa``; the
+Medusa heads run in Jittor.
+
+Only what must cross the framework boundary crosses it: the hidden state at the last accepted
+position goes to Jittor ([h] floats), the heads' top-k token ids come back ([H, TOPK] ints) —
+never full-vocabulary logits.  The time spent crossing is measured and reported by ``describe()``.
+Heads compute in fp32 in Jittor whatever the backbone dtype.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from medusa.backend import TorchBackend
+from medusa.core.config import MedusaConfig
+
+from .heads import MedusaHeads, heads_from_state
+from .runtime import jt
+
+
+class HybridBackend(TorchBackend):
+    name = "hybrid"
+
+    def _load_heads(self) -> tuple[MedusaConfig, MedusaHeads]:
+        args = self.model.args
+        config, state = self._heads_checkpoint()
+        if state is None:
+            heads = MedusaHeads(config, args.hidden_size, args.vocab_size)
+        else:
+            heads = heads_from_state(config, state, args.hidden_size, args.vocab_size)
+        heads.eval()
+        self.jt_lm_head = jt.nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.jt_lm_head.weight.assign(jt.array(self.model.output.weight.detach().float().cpu().numpy()))
+        self.bridge_s = self.heads_s = 0.0
+        self.head_calls = 0
+        return config, heads
+
+    def heads_topk(self, hidden: Tensor) -> Tensor:
+        """hidden [h] (torch) -> [H, TOPK] token ids (torch), computed by the Jittor heads."""
+        t0 = time.perf_counter()
+        x = jt.array(hidden.detach().float().cpu().numpy())
+        t1 = time.perf_counter()
+        with jt.no_grad():
+            ids = self.heads.topk(x, self.jt_lm_head).numpy()
+        t2 = time.perf_counter()
+        out = torch.from_numpy(ids.astype(np.int64)).to(self.device)
+        t3 = time.perf_counter()
+        self.bridge_s += (t1 - t0) + (t3 - t2)
+        self.heads_s += t2 - t1
+        self.head_calls += 1
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        calls = max(self.head_calls, 1)
+        return dict(super().describe(), heads_framework="jittor",
+                    bridge_ms_per_step=1e3 * self.bridge_s / calls, jittor_heads_ms_per_step=1e3 * self.heads_s / calls)

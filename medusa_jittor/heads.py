@@ -1,0 +1,72 @@
+"""Medusa heads in Jittor: a name-for-name mirror of ``medusa/heads.py``.
+
+Same module tree (a ModuleList of Sequential(ResBlock..., Linear)), so parameter names are the
+original checkpoint keys and a checkpoint trained in either framework loads strictly in both.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from medusa.core.checkpoint import StateDict, check_shapes, infer_layout
+from medusa.core.config import MedusaConfig
+from medusa.core.trees import TOPK
+
+from .runtime import jt
+
+nn = jt.nn
+
+
+class ResBlock(nn.Module):
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, hidden_size)
+        self.linear.weight.assign(jt.zeros_like(self.linear.weight))  # identity at init (Medusa's recipe)
+        self.act = nn.SiLU()
+
+    def execute(self, x: jt.Var) -> jt.Var:
+        return x + self.act(self.linear(x))
+
+
+class MedusaHeads(nn.ModuleList):
+    """num_heads distinct heads, each L distinct ResBlocks (+ its own lm_head unless shared)."""
+
+    def __init__(self, config: MedusaConfig, hidden_size: int, vocab_size: int) -> None:
+        heads = []
+        for _ in range(config.medusa_num_heads):
+            blocks: list[nn.Module] = [ResBlock(hidden_size) for _ in range(config.medusa_num_layers)]
+            if not config.shared_lm_head:
+                blocks.append(nn.Linear(hidden_size, vocab_size, bias=False))
+            heads.append(nn.Sequential(*blocks))
+        super().__init__(*heads)
+        self.config = config
+
+    def init_lm_heads(self, base_lm_head: np.ndarray) -> None:
+        """Start each per-head lm_head as a copy of the base model's (the original initialisation)."""
+        if not self.config.shared_lm_head:
+            for head in self:
+                head[-1].weight.assign(jt.array(base_lm_head))
+
+    def execute(self, hidden: jt.Var, base_lm_head: nn.Module) -> jt.Var:
+        """hidden [..., h] -> logits [num_heads, ..., V]; ``base_lm_head`` is used by shared heads."""
+        states = jt.stack([head(hidden) for head in self])
+        return base_lm_head(states) if self.config.shared_lm_head else states
+
+    def topk(self, hidden: jt.Var, base_lm_head: nn.Module) -> jt.Var:
+        """hidden [h] -> the TOPK best token ids of every head, [num_heads, TOPK]."""
+        return jt.topk(self(hidden, base_lm_head), TOPK, dim=-1)[1]
+
+    def numpy_state(self) -> StateDict:
+        return {k: v.numpy().astype(np.float32) for k, v in self.state_dict().items()}
+
+
+def heads_from_state(config: MedusaConfig, state: StateDict, hidden_size: int, vocab_size: int) -> MedusaHeads:
+    """Strictly load a numpy state dict (see ``medusa.core.checkpoint``) into Jittor heads."""
+    infer_layout(state)
+    check_shapes(state, hidden_size, vocab_size)
+    heads = MedusaHeads(config, hidden_size, vocab_size)
+    own = heads.state_dict()
+    if set(own) != set(state):
+        missing = sorted(set(own) - set(state)) or sorted(set(state) - set(own))
+        raise KeyError(f"Jittor heads and checkpoint disagree on key {missing[0]!r}")
+    heads.load_state_dict({k: jt.array(np.asarray(v, dtype=np.float32)) for k, v in state.items()})
+    return heads

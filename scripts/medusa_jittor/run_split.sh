@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Jittor Medusa heads on the PyTorch backbone's hidden states (backend "hybrid"), resumable.
+# Reuses the self-distilled data and hidden-state cache of scripts/medusa/run.sh.
+#   MODEL WORK DATA OUT   as in scripts/medusa/run.sh (OUT defaults to a separate jittor dir)
+#   LAUNCH                "python" or e.g. "mpirun -np 4 python" (Jittor splits batches over MPI ranks)
+set -euo pipefail
+PY=${PY:-python}
+MODEL=${MODEL:-smollm2-135m}
+NAME=$(basename "$MODEL")
+WORK=${WORK:-${JEDUSA_CACHE:-$HOME/.cache/jedusa}/work}
+DATA=${DATA:-$WORK/$NAME-distill.jsonl}
+OUT=${OUT:-$WORK/$NAME-heads-jittor}
+LAUNCH=${LAUNCH:-$PY}
+if [ ! -f "$DATA" ]; then
+    $PY -m medusa.train.distill --model "$MODEL" --out "$DATA" --limit "${CONVERSATIONS:-2400}"
+fi
+$LAUNCH -m medusa_jittor.train --model "$MODEL" --data "$DATA" --out "$OUT" \
+    --num-heads "${NUM_HEADS:-4}" --num-layers "${NUM_LAYERS:-1}" --epochs "${EPOCHS:-1}" \
+    --lr "${LR:-2e-3}" --batch-tokens "${BATCH_TOKENS:-1024}"

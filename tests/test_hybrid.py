@@ -1,0 +1,96 @@
+"""The hybrid backend: Jittor heads mirror the PyTorch heads; greedy output equals the baseline."""
+import numpy as np
+import pytest
+import torch
+
+from medusa.core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from medusa.core.config import GenerationConfig, MedusaConfig
+from medusa.core.engine import generate_ids
+from medusa.core.prompts import encode_prompt, stop_token_ids
+from medusa.heads import MedusaHeads as TorchHeads
+from medusa.heads import heads_from_state as torch_heads_from_state
+
+jt_heads = pytest.importorskip("medusa_jittor.heads")
+from medusa_jittor.runtime import jt  # noqa: E402
+
+
+def random_torch_heads(config, h=32, v=50):
+    torch.manual_seed(0)
+    heads = TorchHeads(config, h, v)
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.normal_(0, 0.2)
+    return heads
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_jittor_heads_match_torch_heads(shared):
+    config = MedusaConfig(3, 2, shared_lm_head=shared)
+    th = random_torch_heads(config)
+    jh = jt_heads.heads_from_state(config, th.numpy_state(), 32, 50)
+    lm = torch.nn.Linear(32, 50, bias=False)
+    jlm = jt.nn.Linear(32, 50, bias=False)
+    jlm.weight.assign(jt.array(lm.weight.detach().numpy()))
+    x = torch.randn(7, 32)
+    with torch.no_grad():
+        want = th(x, lm).numpy()
+    got = jh(jt.array(x.numpy()), jlm).numpy()
+    assert np.abs(got - want).max() / np.abs(want).max() <= 1e-5
+    assert (jh.topk(jt.array(x[0].numpy()), jlm).numpy() == th.topk(x[0], lm).numpy()).all()
+
+
+def test_checkpoint_round_trip_torch_jittor_torch_is_bit_exact(tmp_path):
+    config = MedusaConfig(2, 1, shared_lm_head=False)
+    th = random_torch_heads(config)
+    save_checkpoint(tmp_path / "a", config, th.numpy_state())
+    jh = jt_heads.heads_from_state(*load_checkpoint(tmp_path / "a"), 32, 50)
+    save_checkpoint(tmp_path / "b", config, jh.numpy_state())
+    back = torch_heads_from_state(*load_checkpoint(tmp_path / "b"), 32, 50, torch.float32, "cpu")
+    assert all(torch.equal(a, b) for a, b in zip(th.state_dict().values(), back.state_dict().values()))
+
+
+@pytest.mark.slow
+def test_hybrid_greedy_equals_torch_baseline(smol_backend):
+    from medusa.core.backends import load_backend
+
+    hybrid = load_backend("hybrid")
+    tok = smol_backend.tokenizer
+    cfg = GenerationConfig(max_new_tokens=64, stop_token_ids=stop_token_ids(tok))
+    for q in ("Write a haiku about autumn.", "What is the capital of Japan?"):
+        ids = encode_prompt(tok, [{"role": "user", "content": q}])
+        base, _ = generate_ids(smol_backend.decoder, ids, cfg.with_(medusa=False))
+        out, _ = generate_ids(hybrid.decoder, ids, cfg)
+        assert out == base
+    d = hybrid.describe()
+    assert d["heads_framework"] == "jittor" and d["bridge_ms_per_step"] > 0
+
+
+@pytest.mark.slow
+def test_hybrid_rejects_incompatible_heads(tmp_path):
+    from medusa.core.backends import load_backend
+
+    bad = {"0.0.linear.weight": np.zeros((8, 8), np.float32), "0.0.linear.bias": np.zeros(8, np.float32)}
+    save_checkpoint(tmp_path, MedusaConfig(1, 1, shared_lm_head=True), bad)
+    with pytest.raises(CheckpointError, match="another model"):
+        load_backend("hybrid", heads=str(tmp_path))
+    with pytest.raises(CheckpointError, match="no such directory"):
+        load_backend("hybrid", heads=str(tmp_path / "missing"))
+
+
+def test_tiny_jittor_training_run_learns(tmp_path):
+    from medusa.train.trainer import TokenData, TrainConfig
+    from medusa_jittor.train import train
+
+    from .test_train import synthetic_cache
+
+    data = TokenData(synthetic_cache(tmp_path / "cache"), num_heads=1)
+    heads = jt_heads.MedusaHeads(MedusaConfig(1, 1, shared_lm_head=False), 32, 64)
+    lm = np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32)
+    heads.init_lm_heads(lm)
+    cfg = TrainConfig(num_heads=1, num_layers=1, shared_lm_head=False, epochs=6, batch_tokens=256, lr=1e-2,
+                      bf16=False, save_every=1000)
+    metrics = train(heads, lm, data, data, cfg, tmp_path / "out", "tiny")
+    assert metrics["top1"][0] > 0.5  # chance is 1/64
+    assert metrics["train_tokens_per_second"] > 0
+    config, state = load_checkpoint(tmp_path / "out")  # the PyTorch side reads what Jittor wrote
+    torch_heads_from_state(config, state, 32, 64, torch.float32, "cpu")

@@ -7,14 +7,8 @@
 #   LAUNCH         how training starts: "python" or e.g. "accelerate launch --num_processes 8"
 #   SHIP_AS        if set, copy the result into medusa/shipped/$SHIP_AS (the package default for that model)
 set -euo pipefail
-PY=${PY:-python}
-MODEL=${MODEL:-smollm2-135m}
-NAME=$(basename "$MODEL")
-WORK=${WORK:-${JEDUSA_CACHE:-$HOME/.cache/jedusa}/work}
-DATA=${DATA:-$WORK/$NAME-distill.jsonl}
+source "$(dirname "$0")/../training_env.sh"
 OUT=${OUT:-$WORK/$NAME-heads}
-LAUNCH=${LAUNCH:-$PY}
-mkdir -p "$WORK"
 
 $PY -m medusa.train.distill --model "$MODEL" --out "$DATA" --limit "${CONVERSATIONS:-2400}" \
     --batch-size "${DISTILL_BATCH:-32}" --max-new-tokens "${DISTILL_MAX_NEW:-256}"

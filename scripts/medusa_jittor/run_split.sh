@@ -4,13 +4,8 @@
 #   MODEL WORK DATA OUT   as in scripts/medusa/run.sh (OUT defaults to a separate jittor dir)
 #   LAUNCH                "python" or e.g. "mpirun -np 4 python" (Jittor splits batches over MPI ranks)
 set -euo pipefail
-PY=${PY:-python}
-MODEL=${MODEL:-smollm2-135m}
-NAME=$(basename "$MODEL")
-WORK=${WORK:-${JEDUSA_CACHE:-$HOME/.cache/jedusa}/work}
-DATA=${DATA:-$WORK/$NAME-distill.jsonl}
+source "$(dirname "$0")/../training_env.sh"
 OUT=${OUT:-$WORK/$NAME-heads-jittor}
-LAUNCH=${LAUNCH:-$PY}
 if [ ! -f "$DATA" ]; then
     $PY -m medusa.train.distill --model "$MODEL" --out "$DATA" --limit "${CONVERSATIONS:-2400}"
 fi

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from medusa.core.checkpoint import StateDict, check_shapes, infer_layout
+from medusa.core.checkpoint import StateDict, build_head_modules, check_shapes, infer_layout
 from medusa.core.config import MedusaConfig
 from medusa.core.trees import TOPK
 
@@ -31,12 +31,7 @@ class MedusaHeads(nn.ModuleList):
     """num_heads distinct heads, each L distinct ResBlocks (+ its own lm_head unless shared)."""
 
     def __init__(self, config: MedusaConfig, hidden_size: int, vocab_size: int) -> None:
-        heads = []
-        for _ in range(config.medusa_num_heads):
-            blocks: list[nn.Module] = [ResBlock(hidden_size) for _ in range(config.medusa_num_layers)]
-            if not config.shared_lm_head:
-                blocks.append(nn.Linear(hidden_size, vocab_size, bias=False))
-            heads.append(nn.Sequential(*blocks))
+        heads = build_head_modules(nn, ResBlock, config, hidden_size, vocab_size)
         super().__init__(*heads)
         self.config = config
 

@@ -21,7 +21,7 @@ import re
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -49,6 +49,22 @@ def head_keys(num_heads: int, num_layers: int, shared_lm_head: bool) -> list[str
         if not shared_lm_head:
             keys.append(f"{i}.{num_layers}.weight")
     return keys
+
+
+def build_head_modules(nn: Any, res_block: Callable[[int], Any], config: MedusaConfig, hidden_size: int,
+                       vocab_size: int) -> list[Any]:
+    """The module tree whose parameter names are the checkpoint keys, for any framework.
+
+    ``nn`` is the framework's namespace (``torch.nn`` or ``jittor.nn``): one Sequential per head of
+    ``medusa_num_layers`` distinct ResBlocks, plus its own ``Linear(h, V)`` unless the lm_head is shared.
+    """
+    heads = []
+    for _ in range(config.medusa_num_heads):
+        blocks = [res_block(hidden_size) for _ in range(config.medusa_num_layers)]
+        if not config.shared_lm_head:
+            blocks.append(nn.Linear(hidden_size, vocab_size, bias=False))
+        heads.append(nn.Sequential(*blocks))
+    return heads
 
 
 def infer_layout(state: StateDict) -> tuple[int, int, bool]:

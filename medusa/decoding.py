@@ -21,9 +21,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from .core.acceptance import best_path
 from .core.buffers import TreeBuffers
 from .core.config import GenerationConfig
 from .llama import KVCache, Transformer
@@ -39,12 +41,13 @@ class TorchTree:
     retrieve_indices: Tensor  # [P, D+1], -1 padded
     parents: Tensor  # [N], root's parent clamped to 0 (never read as a parent)
     depth: int
+    retrieve_indices_host: np.ndarray  # [P, D+1] for the path walk, which runs on the host
 
     @classmethod
     def from_buffers(cls, b: TreeBuffers, device: torch.device | str) -> "TorchTree":
         t = lambda a: torch.as_tensor(a, device=device)  # noqa: E731
         return cls(t(b.attn_mask), t(b.tree_indices), t(b.position_ids), t(b.retrieve_indices),
-                   t(b.parents).clamp(min=0), b.depth)
+                   t(b.parents).clamp(min=0), b.depth, b.retrieve_indices)
 
     @property
     def num_nodes(self) -> int:
@@ -90,16 +93,9 @@ def evaluate_posterior(logits: Tensor, candidates: Tensor, tree: TorchTree, cfg:
     else:
         choice = logits.argmax(-1) if mode == "greedy" else sample_top_p(logits, cfg, generator)
         node_ok = candidates == choice[tree.parents]
-    rows = tree.retrieve_indices[:, 1:]
-    path_ok = node_ok[rows.clamp(min=0)] & (rows >= 0)  # [P, D]
-    accept = path_ok.int().cumprod(dim=1).sum(dim=1)  # [P]
-    best_len = int(accept.max())
-    if mode == "typical" and best_len > 0:
-        likelihood = torch.log(node_prob[rows[:, :best_len].clamp(min=0)]).sum(1)
-        best = int(torch.where(accept == best_len, likelihood, -torch.inf).argmax())
-    else:
-        best = int(accept.argmax())
-    last = int(tree.retrieve_indices[best, best_len])
+    logprob = torch.log(node_prob).cpu().numpy() if mode == "typical" else None
+    best, best_len = best_path(node_ok.cpu().numpy(), tree.retrieve_indices_host, logprob)
+    last = int(tree.retrieve_indices_host[best, best_len])
     if mode == "typical":
         bonus = sample_typical(logits[last], cfg, generator)
     else:

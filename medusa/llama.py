@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from .core.config import LlamaArgs, rope_inv_freq
 from .core.models import ModelError, load_args
-from .core.weights import hf_weight_map, weight_files
+from .core.weights import our_state, weight_files
 
 
 class KVCache:
@@ -204,14 +204,11 @@ def load_llama(model_dir: Path, dtype: torch.dtype = torch.float32, device: str 
     args = load_args(model_dir)
     with torch.device("meta"):
         model = Transformer(args)
-    hf = _read_hf_state(model_dir)
-    state = {}
-    for ours, names in hf_weight_map(args).items():
-        missing = [n for n in names if n not in hf]
-        if missing:
-            raise ModelError(f"{model_dir}: weight {missing[0]} is missing from the checkpoint")
-        state[ours] = torch.cat([hf[n] for n in names], dim=0).to(dtype)
-    model.load_state_dict(state, strict=True, assign=True)
+    try:
+        state = our_state(args, _read_hf_state(model_dir), model_dir, lambda parts: torch.cat(parts, dim=0))
+    except ValueError as err:
+        raise ModelError(str(err)) from err
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
     model.inv_freq = torch.tensor(rope_inv_freq(args), dtype=torch.float32)
     model = model.to(device).eval()
     return pack_linears(model) if pack else model

@@ -8,12 +8,13 @@ Multi-GPU: run under ``mpirun -np N`` — Jittor splits batches across MPI ranks
 """
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -22,8 +23,8 @@ from medusa.core.checkpoint import atomic_write_text, load_checkpoint, save_chec
 from medusa.core.config import MedusaConfig
 from medusa.core.models import load_args
 from medusa.core.trees import TOPK
-from medusa.llama import load_llama
-from medusa.train.cli import build_parser, prepare_data, train_config
+from medusa.core.weights import our_state, read_hf_numpy
+from medusa.train.cli import build_parser, prepare_data, torch_backbone, train_config
 from medusa.train.dataset import IGNORE_INDEX
 from medusa.train.trainer import TokenData, TrainConfig
 
@@ -31,6 +32,7 @@ from .heads import MedusaHeads
 from .runtime import jt
 
 log = logging.getLogger("medusa_jittor.train")
+Backbone = Callable[[argparse.Namespace, Path], tuple[Callable[[list[int]], np.ndarray], str]]
 STEP_FILE = "jittor_trainer_state.json"
 
 
@@ -137,13 +139,15 @@ def _resume(out_dir: Path, heads: MedusaHeads) -> int:
     return step
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict:
+def main(argv: Optional[Sequence[str]] = None, backbone: Optional[Backbone] = None) -> dict:
+    """Train Jittor heads; ``backbone`` fills the hidden-state cache and gives the base lm_head
+    (default: the PyTorch Llama, i.e. the hybrid recipe)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = train_config(args)
-    model_dir, data = prepare_data(args, cfg.num_heads)
+    model_dir, data = prepare_data(args, cfg.num_heads, backbone or torch_backbone)
     margs = load_args(model_dir)
-    lm_head = load_llama(model_dir).output.weight.detach().numpy()
+    lm_head = read_lm_head(model_dir)
     heads = MedusaHeads(MedusaConfig(cfg.num_heads, cfg.num_layers, shared_lm_head=cfg.shared_lm_head),
                         margs.hidden_size, margs.vocab_size)
     heads.init_lm_heads(lm_head)
@@ -152,6 +156,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     log.info("held-out top-1 per head: %s", [round(a, 3) for a in metrics["top1"]])
     log.info("training throughput: %.0f tokens/s", metrics["train_tokens_per_second"])
     return metrics
+
+
+def read_lm_head(model_dir: Path) -> np.ndarray:
+    """The base model's output projection [V, h] in fp32, read straight from its weight files."""
+    args = load_args(model_dir)
+    return np.asarray(our_state(args, read_hf_numpy(model_dir), model_dir)["output.weight"], dtype=np.float32)
 
 
 if __name__ == "__main__":

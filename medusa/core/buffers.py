@@ -73,3 +73,17 @@ def _retrieve_indices(paths: list[tuple[int, ...]], index: dict[tuple[int, ...],
         for k in range(len(leaf) + 1):
             rows[r, k] = index[leaf[:k]]
     return rows
+
+
+def step_visibility(length: int, block: np.ndarray, width: int) -> np.ndarray:
+    """[T, width] bool: which of ``width`` cache slots each of T pending queries may see.
+
+    Slots [0, length) hold the committed prefix (visible to all); slot length + j holds pending
+    entry j, visible where ``block`` [T, T] says so (a causal ``tril`` for plain decoding, the
+    tree's ``attn_mask`` for verification); slots past length + T are stale and hidden.
+    """
+    t = block.shape[0]
+    visible = np.zeros((t, width), dtype=bool)
+    visible[:, :length] = True
+    visible[:, length:length + t] = block
+    return visible

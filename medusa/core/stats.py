@@ -6,9 +6,11 @@ baseline), the Medusa paper's τ.
 """
 from __future__ import annotations
 
+import time
 from collections import Counter, defaultdict
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 
 @dataclass
@@ -77,3 +79,27 @@ def format_table(summary: dict[str, dict[str, Any]], speedup: dict[str, float]) 
         lines.append(f"{mode:<12}{s['total_tokens']:>8}{s['total_time_s']:>9.2f}"
                      f"{s['tokens_per_second']:>9.2f}{s['mean_accept_length']:>14.2f}{sp:>9}")
     return "\n".join(lines)
+
+
+class StepTimer:
+    """Wall time per part of a Medusa step (heads, tree forward, posterior, cache update).
+
+    Off by default: timing a part honestly needs a device sync at its end, which lazy (Jittor) and
+    asynchronous (CUDA) backends otherwise avoid.  ``sync`` is the backend's synchronize.
+    """
+
+    def __init__(self, sync: Callable[[], None], enabled: bool = False) -> None:
+        self.sync, self.enabled = sync, enabled
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.steps = 0
+
+    @contextmanager
+    def part(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        if self.enabled:
+            self.sync()
+            self.seconds[name] += time.perf_counter() - start
+
+    def ms_per_step(self) -> dict[str, float]:
+        return {k: round(1e3 * v / max(self.steps, 1), 3) for k, v in self.seconds.items()}

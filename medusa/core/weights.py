@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
 
 from .config import LlamaArgs
 
@@ -55,3 +58,60 @@ def weight_files(model_dir: Path) -> list[Path]:
         if found:
             return found
     raise FileNotFoundError(f"{model_dir} has no model.safetensors or pytorch_model.bin weights")
+
+
+SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I64": np.int64, "I32": np.int32}
+
+
+def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """A .safetensors file as numpy arrays, memory-mapped; BF16 (which numpy lacks) widens to fp32.
+
+    The format is 8 bytes of header length, a JSON header of {name: dtype, shape, data_offsets},
+    then raw little-endian data, so no framework is needed to read it.
+    """
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_len))
+    raw = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len)
+    out = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = meta["data_offsets"]
+        chunk = raw[begin:end]
+        if meta["dtype"] == "BF16":
+            array = (chunk.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+        elif meta["dtype"] in SAFETENSORS_DTYPES:
+            array = chunk.view(SAFETENSORS_DTYPES[meta["dtype"]])
+        else:
+            raise ValueError(f"{path}: tensor {name} has unsupported dtype {meta['dtype']}")
+        out[name] = array.reshape(meta["shape"])
+    return out
+
+
+def read_hf_numpy(model_dir: Path) -> dict[str, np.ndarray]:
+    """All HF weights of ``model_dir`` as numpy. Safetensors need no framework; ``.bin`` shards are
+    pickled torch tensors, so reading them imports PyTorch (convert once to safetensors to avoid it)."""
+    state: dict[str, np.ndarray] = {}
+    for file in weight_files(model_dir):
+        if file.suffix == ".safetensors":
+            state.update(read_safetensors(file))
+        else:
+            import torch
+
+            loaded = torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
+            state.update({k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy() for k, v in loaded.items()})
+    return state
+
+
+def our_state(args: LlamaArgs, hf: Mapping[str, Any], where: Path,
+              concat: Callable[[list[Any]], Any] = lambda parts: np.concatenate(parts, axis=0)) -> dict[str, Any]:
+    """HF tensors -> our names, fused projections concatenated along dim 0 by ``concat`` (numpy by
+    default; the PyTorch model passes ``torch.cat``); a missing tensor is named in the error."""
+    state = {}
+    for ours, names in hf_weight_map(args).items():
+        missing = [n for n in names if n not in hf]
+        if missing:
+            raise ValueError(f"{where}: weight {missing[0]} is missing from the checkpoint")
+        state[ours] = concat([hf[n] for n in names]) if len(names) > 1 else hf[names[0]]
+    return state

@@ -12,7 +12,7 @@ import json
 import logging
 from dataclasses import replace
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -24,7 +24,7 @@ from ..heads import MedusaHeads, heads_from_state
 from ..llama import load_llama
 from .data import load_conversations
 from .dataset import tokenize_conversation
-from .hidden_cache import build_cache
+from .hidden_cache import HiddenFn, build_cache, torch_hidden_fn
 from .trainer import HeadsWithBase, TokenData, TrainConfig, evaluate, train
 
 log = logging.getLogger("medusa.train")
@@ -64,23 +64,31 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
                        bf16=not args.fp32, seed=args.seed, save_every=args.save_every)
 
 
-def prepare_data(args: argparse.Namespace, num_heads: int) -> tuple[Path, dict[str, TokenData]]:
-    """Tokenise, split and cache hidden states (PyTorch backbone); returns (model dir, {train, eval})."""
+def torch_backbone(args: argparse.Namespace, model_dir: Path) -> tuple[HiddenFn, str]:
+    """The PyTorch backbone's hidden-state function and the cache-name tag for its dtype."""
+    device = pick_device(args.device)
+    backbone = load_llama(model_dir, torch_dtype(args.backbone_dtype), device, pack=device == "cpu")
+    return torch_hidden_fn(backbone), ""
+
+
+def prepare_data(args: argparse.Namespace, num_heads: int,
+                 backbone: Callable[[argparse.Namespace, Path], tuple[HiddenFn, str]] = torch_backbone,
+                 ) -> tuple[Path, dict[str, TokenData]]:
+    """Tokenise, split and cache hidden states of ``backbone``; returns (model dir, {train, eval})."""
     from accelerate import PartialState
     from transformers import AutoTokenizer
 
     model_dir = resolve_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     conversations, _ = load_conversations(args.data)
-    cache_dir = args.cache_dir or cache_root() / "hidden" / f"{model_dir.name}-{args.data.stem}-{args.max_length}"
-    device = pick_device(args.device)
-    backbone = load_llama(model_dir, torch_dtype(args.backbone_dtype), device, pack=device == "cpu")
+    hidden_fn, tag = backbone(args, model_dir)
+    cache_dir = args.cache_dir or cache_root() / "hidden" / f"{model_dir.name}-{args.data.stem}-{args.max_length}{tag}"
     data = {}
     for split in ("train", "eval"):
         convs = [c for c in conversations if held_out(c.id, args.eval_fraction) == (split == "eval")]
         examples = [tokenize_conversation(tokenizer, c.messages, args.max_length, args.conv_template) for c in convs]
         with PartialState().main_process_first():  # one process fills the cache, the others then find it full
-            build_cache(backbone, examples, cache_dir / split)
+            build_cache(hidden_fn, load_args(model_dir).hidden_size, examples, cache_dir / split)
         data[split] = TokenData(cache_dir / split, num_heads)
         log.info("%s: %d conversations, %d trainable positions", split, len(convs), len(data[split]))
     return model_dir, data

@@ -11,7 +11,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ from ..llama import KVCache, Transformer
 from .dataset import Example
 
 log = logging.getLogger(__name__)
+HiddenFn = Callable[[list[int]], np.ndarray]  # token ids -> final hidden states [T, h]
 
 
 @torch.inference_mode()
@@ -34,25 +35,33 @@ def hidden_states(model: Transformer, ids: list[int]) -> torch.Tensor:
     return model(torch.tensor([ids], device=device), torch.arange(t, device=device), mask, cache)[0]
 
 
-def build_cache(model: Transformer, examples: Sequence[Example], out_dir: Path, shard_size: int = 256) -> int:
-    """Cache hidden states of ``examples`` (in order) under ``out_dir``; returns examples cached in all."""
+def torch_hidden_fn(model: Transformer) -> HiddenFn:
+    return lambda ids: hidden_states(model, ids).float().cpu().numpy()
+
+
+def build_cache(hidden_fn: HiddenFn, hidden_size: int, examples: Sequence[Example], out_dir: Path,
+                shard_size: int = 256) -> int:
+    """Cache hidden states of ``examples`` (in order) under ``out_dir``; returns examples cached in all.
+
+    ``hidden_fn`` maps token ids to the frozen backbone's final hidden states [T, h] (any framework).
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     done = sum(len(np.load(f)["offsets"]) - 1 for f in shard_files(out_dir))
     todo = range(done, len(examples))
     with tqdm(total=len(examples), initial=done, desc="hidden cache", unit="ex") as bar:
         for start in range(done, len(examples), shard_size):
             chunk = examples[start:start + shard_size]
-            _write_shard(out_dir / f"shard-{start // shard_size:05d}.npz", model, chunk, bar)
+            _write_shard(out_dir / f"shard-{start // shard_size:05d}.npz", hidden_fn, chunk, bar)
     if todo:
         atomic_write_text(out_dir / "meta.json", json.dumps({"examples": len(examples),
-                                                             "hidden_size": model.args.hidden_size}) + "\n")
+                                                             "hidden_size": hidden_size}) + "\n")
     return len(examples)
 
 
-def _write_shard(path: Path, model: Transformer, chunk: Sequence[Example], bar: tqdm) -> None:
+def _write_shard(path: Path, hidden_fn: HiddenFn, chunk: Sequence[Example], bar: tqdm) -> None:
     hidden, offsets = [], [0]
     for ex in chunk:
-        hidden.append(hidden_states(model, ex.ids).float().cpu().numpy().astype(np.float16))
+        hidden.append(hidden_fn(ex.ids).astype(np.float16))
         offsets.append(offsets[-1] + len(ex.ids))
         bar.update(1)
     tmp = path.with_name(path.name + ".tmp.npz")

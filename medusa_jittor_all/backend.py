@@ -1,0 +1,122 @@
+"""Backend ``jittor``: the Jittor Llama, its fixed-shape KV cache, Jittor tree verification and the
+Jittor heads of ``medusa_jittor`` — no PyTorch in the decoding loop (the tokenizer is HF's).
+
+With ``profile=True``, ``describe()`` reports the per-step time split (heads, tree forward,
+posterior, cache update), measured with a sync at each boundary (which costs a little).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+
+from medusa.core.backends import BackendBase, BackendError
+from medusa.core.config import GenerationConfig, MedusaConfig
+from medusa.core.models import DEFAULT_MODEL
+from medusa.core.stats import StepTimer
+from medusa_jittor.heads import MedusaHeads, heads_from_state
+from medusa_jittor.runtime import jt
+
+from .decoding import (JittorTree, additive_mask, evaluate_posterior, generate_candidates, sample_first,
+                       sample_token, tree_decode, update_inputs)
+from .llama import KVCache, Transformer, load_llama
+
+DTYPES = ("float32", "fp32")  # Jittor's CPU kernels have no bf16, and fp16 on CUDA is untested here
+
+
+class JittorDecoder:
+    """Engine primitives over the Jittor model and heads."""
+
+    def __init__(self, model: Transformer, heads: MedusaHeads, tree: JittorTree, max_len: int,
+                 profile: bool = False) -> None:
+        self.model, self.heads, self.tree = model, heads, tree
+        self.cache = KVCache(model.args, max_len)
+        self.max_len = max_len
+        self.hidden: Optional[jt.Var] = None  # [h] at the last committed position
+        self.rng = np.random.default_rng()
+        self.timer = StepTimer(jt.sync_all, profile)
+
+    @property
+    def cache_length(self) -> int:
+        return self.cache.length
+
+    @property
+    def tree_size(self) -> int:
+        return self.tree.num_nodes
+
+    def _forward(self, ids: list[int], positions: np.ndarray) -> jt.Var:
+        """Causal forward of ``ids`` at ``positions``; commits them; returns the last hidden [h]."""
+        t = len(ids)
+        mask = additive_mask(self.cache.length, np.tril(np.ones((t, t), dtype=bool)), self.cache.window(t))
+        hidden = self.model(jt.array(np.array([ids], dtype=np.int32)), positions, mask, self.cache)[0, -1]
+        self.cache.commit(t)
+        return hidden
+
+    def prefill(self, ids: list[int], cfg: GenerationConfig) -> int:
+        self.cache.reset()
+        self.rng = np.random.default_rng(cfg.seed)
+        with jt.no_grad():
+            self.hidden = self._forward(ids, np.arange(len(ids)))
+            return sample_first(self.model.logits(self.hidden), cfg, self.rng)
+
+    def decode_one(self, root: int, cfg: GenerationConfig) -> int:
+        with jt.no_grad():
+            self.hidden = self._forward([root], np.array([self.cache.length]))
+            return sample_token(self.model.logits(self.hidden), cfg, self.rng)
+
+    def medusa_step(self, root: int, cfg: GenerationConfig) -> tuple[list[int], int, int]:
+        with jt.no_grad():
+            with self.timer.part("heads"):
+                head_topk = self.heads.topk(self.hidden, self.model.output).numpy()
+            candidates = generate_candidates(root, head_topk, self.tree)
+            with self.timer.part("tree_forward"):
+                hidden, logits = tree_decode(self.model, self.cache, candidates, self.tree)
+            with self.timer.part("posterior"):
+                best, accepted, bonus = evaluate_posterior(logits, candidates, self.tree, cfg, self.rng)
+            with self.timer.part("cache_update"):
+                nodes = update_inputs(self.cache, self.tree, best, accepted)
+                self.hidden = hidden[int(nodes[-1])]
+        self.timer.steps += 1
+        return candidates[nodes].tolist(), accepted, bonus
+
+
+class JittorBackend(BackendBase):
+    """Load a base model (short name or HF dir) into the Jittor Llama, Jittor heads and a tree."""
+
+    name = "jittor"
+
+    def __init__(self, model: str = DEFAULT_MODEL, heads: Optional[str] = None, tree: Optional[str] = None,
+                 dtype: str = "float32", device: str = "auto", max_len: int = 2048, profile: bool = False) -> None:
+        self._locate(model, heads)
+        self.device = self._device(device)
+        if dtype not in DTYPES:
+            raise BackendError(f"backend 'jittor' runs float32 only, not {dtype!r}: use --dtype float32")
+        self.dtype = "float32"
+        self.model = load_llama(self.model_dir, self.dtype)
+        self.heads_config, self.heads = self._load_heads()
+        buffers = self._tree(tree, self.heads_config)
+        self.decoder = JittorDecoder(self.model, self.heads, JittorTree.from_buffers(buffers), max_len, profile)
+
+    @staticmethod
+    def _device(name: str) -> str:
+        if name == "auto":
+            return "cuda" if jt.flags.use_cuda else "cpu"
+        if name.startswith("cuda") and not jt.flags.use_cuda:
+            raise BackendError(f"device {name!r} requested but Jittor has no CUDA here")
+        if name == "cpu":
+            jt.flags.use_cuda = 0
+        return name
+
+    def _load_heads(self) -> tuple[MedusaConfig, MedusaHeads]:
+        args = self.model.args
+        config, state = self._heads_checkpoint()
+        if state is None:
+            return config, MedusaHeads(config, args.hidden_size, args.vocab_size).eval()
+        return config, heads_from_state(config, state, args.hidden_size, args.vocab_size).eval()
+
+    def synchronize(self) -> None:
+        jt.sync_all()
+
+    def describe(self) -> dict[str, Any]:
+        return dict(super().describe(), num_heads=self.heads_config.medusa_num_heads, dtype=self.dtype,
+                    device=self.device)

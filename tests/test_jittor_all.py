@@ -1,0 +1,241 @@
+"""The full-Jittor backend: Jittor Llama vs HF and our PyTorch Llama, tree verification, the fixed-shape
+cache (no recompilation after warm-up), acceptance semantics vs the PyTorch reference, and greedy
+output equal to the baseline in all three backends."""
+import numpy as np
+import pytest
+import torch
+
+from medusa.core.backends import FRESH_HEADS, BackendError, load_backend
+from medusa.core.buffers import build_buffers
+from medusa.core.config import GenerationConfig
+from medusa.core.engine import generate_ids
+from medusa.core.prompts import encode_prompt, stop_token_ids
+from medusa.core.trees import TOPK, named_trees, validate
+from medusa.core.trees import resolve as resolve_tree
+from medusa.decoding import TorchTree
+from medusa.decoding import evaluate_posterior as torch_posterior
+
+jtl = pytest.importorskip("medusa_jittor_all.llama")
+from medusa_jittor.heads import MedusaHeads  # noqa: E402
+from medusa_jittor.runtime import jt  # noqa: E402
+from medusa_jittor_all.backend import JittorDecoder  # noqa: E402
+from medusa_jittor_all.decoding import (JittorTree, additive_mask, evaluate_posterior,  # noqa: E402
+                                        generate_candidates, tree_decode)
+
+from .conftest import make_hf_model  # noqa: E402
+from .test_decoding import TREE as TORCH_TREE  # noqa: E402
+from .test_decoding import V, peaked  # noqa: E402
+from .test_llama import VARIANTS  # noqa: E402
+
+
+def jt_prefill(model, ids, cache):
+    """Causal forward of ``ids`` after the cache's committed entries -> hidden [T, h] (numpy)."""
+    t = len(ids)
+    mask = additive_mask(cache.length, np.tril(np.ones((t, t), bool)), cache.window(t))
+    with jt.no_grad():
+        out = model(jt.array(np.array([ids], np.int32)), np.arange(t) + cache.length, mask, cache)[0]
+    cache.commit(t)
+    return out
+
+
+def logits_np(model, hidden):
+    with jt.no_grad():
+        return model.logits(hidden).numpy()
+
+
+@pytest.mark.parametrize("variant", ["llama-gqa", "llama-tied-mha", "llama3-rope-scaling", "qwen2-bias"])
+def test_jittor_logits_match_hf(tmp_path, variant):
+    model_type, overrides = VARIANTS[variant]
+    hf = make_hf_model(tmp_path, model_type, **overrides)
+    ours = jtl.load_llama(tmp_path)
+    ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = hf(ids).logits[0].numpy()
+    got = logits_np(ours, jt_prefill(ours, ids[0].tolist(), jtl.KVCache(ours.args, 64)))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_decode_across_window_buckets_matches_full_forward(tiny_dir):
+    model = jtl.load_llama(tiny_dir)
+    ids = [(7 * i) % 251 for i in range(140)]  # crosses the 128-position window bucket
+    full = logits_np(model, jt_prefill(model, ids, jtl.KVCache(model.args, 256)))
+    cache = jtl.KVCache(model.args, 256)
+    jt_prefill(model, ids[:120], cache)
+    for i in range(120, 140):
+        step = logits_np(model, jt_prefill(model, [ids[i]], cache))[0]
+        np.testing.assert_allclose(step, full[i], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["mc_sim_7b_63", "cpu_medium"])
+def test_tree_logits_equal_sequential_logits(tiny_dir, name):
+    model = jtl.load_llama(tiny_dir)
+    tree = JittorTree.from_buffers(build_buffers(validate(named_trees()[name])))
+    prompt = [5, 17, 33, 2, 99, 7]
+    candidates = np.random.default_rng(0).integers(0, 256, tree.num_nodes).astype(np.int32)
+    cache = jtl.KVCache(model.args, 128)
+    jt_prefill(model, prompt, cache)
+    with jt.no_grad():
+        tree_logits = tree_decode(model, cache, candidates, tree)[1].numpy()
+    for node in range(tree.num_nodes):
+        path = [node]
+        while path[-1] != 0:
+            path.append(int(tree.parents[path[-1]]))
+        seq = prompt + candidates[path[::-1]].tolist()
+        ref = logits_np(model, jt_prefill(model, seq, jtl.KVCache(model.args, 128)))[-1]
+        np.testing.assert_allclose(tree_logits[node], ref, rtol=1e-4, atol=1e-4)
+
+
+JT_TREE = JittorTree.from_buffers(build_buffers(validate([(0,), (1,), (0, 0), (0, 0, 0)])))
+
+
+def both_posteriors(logits, cfg):
+    cands = np.array([0, 1, 2, 3, 4], np.int32)
+    want = torch_posterior(logits, torch.from_numpy(cands).long(), TORCH_TREE, cfg, torch.Generator().manual_seed(0))
+    got = evaluate_posterior(jt.array(logits.numpy()), cands, JT_TREE, cfg, np.random.default_rng(0))
+    return want, got
+
+
+def test_greedy_and_typical_posteriors_match_the_torch_reference():
+    want, got = both_posteriors(peaked(1, 3, 5, 6, 7), GenerationConfig())
+    assert got == want and want[1:] == (2, 6)
+    typical = GenerationConfig(temperature=1.0, acceptance="typical")
+    logits = torch.full((5, V), -5.0)
+    logits[0, 1], logits[0, 2], logits[1, 3], logits[2, 0], logits[3, 0] = 3.0, 2.9, 8.0, 8.0, 8.0
+    want, got = both_posteriors(logits, typical)
+    assert got[:2] == want[:2] == (1, 2)  # row 1 is root -> a -> c -> d
+    want, got = both_posteriors(torch.zeros(5, V), typical.with_(posterior_threshold=0.99, posterior_alpha=1.0))
+    assert got[1] == want[1] == 0
+
+
+def test_jittor_nucleus_walk_reproduces_sequential_sampling():
+    cfg = GenerationConfig(temperature=1.0, top_p=1.0, acceptance="nucleus")
+    probs0 = np.array([0.0, 0.5, 0.3, 0.2, 0, 0, 0, 0])
+    logits = jt.array(np.log(np.maximum(probs0, 1e-12))[None].repeat(5, 0).astype(np.float32))
+    cands = np.array([0, 1, 2, 3, 4], np.int32)
+    rng = np.random.default_rng(0)
+    counts = np.zeros(V)
+    for _ in range(3000):
+        best, length, bonus = evaluate_posterior(logits, cands, JT_TREE, cfg, rng)
+        counts[cands[JT_TREE.buffers.retrieve_indices[best, 1]] if length else bonus] += 1
+    np.testing.assert_allclose(counts / counts.sum(), probs0, atol=0.03)
+
+
+class OracleHeads:
+    """Heads that propose the true continuation at rank 0: long accepted chunks stress the compaction."""
+
+    def __init__(self, reference, prompt_len, decoder, num_heads=4):
+        self.reference, self.prompt_len, self.decoder, self.num_heads = reference, prompt_len, decoder, num_heads
+
+    def topk(self, hidden, lm_head):
+        root = self.decoder.cache_length - self.prompt_len  # the root is reference[root]
+        out = np.arange(TOPK * self.num_heads).reshape(self.num_heads, TOPK) + 200
+        for k in range(self.num_heads):
+            if root + 1 + k < len(self.reference):
+                out[k, 0] = self.reference[root + 1 + k]
+        return jt.array(out)
+
+
+def test_oracle_heads_accept_whole_paths_and_output_equals_baseline(tiny_dir):
+    model = jtl.load_llama(tiny_dir)
+    tree = JittorTree.from_buffers(build_buffers(validate(named_trees()["mc_sim_7b_63"])))
+    prompt, cfg = [3, 1, 4, 1, 5, 9, 2, 6], GenerationConfig(max_new_tokens=60)
+    decoder = JittorDecoder(model, MedusaHeads.__new__(MedusaHeads), tree, max_len=256)
+    base, _ = generate_ids(decoder, prompt, cfg.with_(medusa=False))
+    decoder.heads = OracleHeads(base, len(prompt), decoder)
+    out, steps = generate_ids(decoder, prompt, cfg)
+    assert out == base
+    assert max(s.accepted for s in steps) == 4 and len(steps) < len(base) / 3
+
+
+def kernel_keys(run):
+    """The set of Jittor kernels (jit keys) that ``run()`` executes: a new key is a new compilation."""
+    jt.profiler.start(0, 0)
+    run()
+    jt.profiler.stop()
+    return {row[0] for row in jt.profiler.report()[1:]}
+
+
+def test_no_recompilation_after_warm_up(tiny_dir):
+    model = jtl.load_llama(tiny_dir)
+    tree = JittorTree.from_buffers(build_buffers(resolve_tree("cpu_medium", FRESH_HEADS.medusa_num_heads)))
+    heads = MedusaHeads(FRESH_HEADS, model.args.hidden_size, model.args.vocab_size)
+    decoder = JittorDecoder(model, heads, tree, max_len=512)
+    prompt = list(range(10, 30))
+
+    def run(tokens):
+        for medusa in (False, True):
+            out, _ = generate_ids(decoder, prompt, GenerationConfig(max_new_tokens=tokens, medusa=medusa))
+            assert len(out) == tokens
+
+    warm = kernel_keys(lambda: run(40))
+    steady = kernel_keys(lambda: run(220))  # crosses window buckets 128 and 256
+    assert steady <= warm, sorted(steady - warm)[:3]
+
+
+def test_unsupported_dtype_is_a_clear_error():
+    with pytest.raises(BackendError, match="float32"):
+        load_backend("jittor", dtype="bfloat16")
+
+
+@pytest.mark.slow
+def test_smollm2_jittor_logits_match_torch(smol_dir, smol_backend):
+    model = jtl.load_llama(smol_dir)
+    ids = encode_prompt(smol_backend.tokenizer, [{"role": "user", "content": "Name three primary colours."}])
+    got = logits_np(model, jt_prefill(model, ids, jtl.KVCache(model.args, 128)))
+    cache = smol_backend.decoder.cache
+    cache.reset()
+    with torch.inference_mode():
+        t = len(ids)
+        hidden = smol_backend.model(torch.tensor([ids]), torch.arange(t), torch.ones(t, t, dtype=torch.bool).tril(), cache)
+        want = smol_backend.model.logits(hidden)[0].numpy()
+    cache.reset()
+    assert np.abs(got - want).max() / np.abs(want).max() <= 1e-4
+
+
+@pytest.mark.slow
+def test_three_backends_give_identical_greedy_tokens(smol_backend):
+    jittor = load_backend("jittor")
+    hybrid = load_backend("hybrid")
+    tok = smol_backend.tokenizer
+    cfg = GenerationConfig(max_new_tokens=64, stop_token_ids=stop_token_ids(tok))
+    for q in ("Write a haiku about autumn.", "Explain what a hash table is in two sentences."):
+        ids = encode_prompt(tok, [{"role": "user", "content": q}])
+        base, _ = generate_ids(smol_backend.decoder, ids, cfg.with_(medusa=False))
+        assert generate_ids(jittor.decoder, ids, cfg.with_(medusa=False))[0] == base
+        out, steps = generate_ids(jittor.decoder, ids, cfg)
+        assert out == base and len(steps) < len(base)  # the shipped heads do get tokens accepted
+    assert generate_ids(hybrid.decoder, ids, cfg)[0] == base
+    assert generate_ids(smol_backend.decoder, ids, cfg)[0] == base
+
+
+def test_jittor_hidden_states_fill_the_same_cache_as_torch(tiny_dir, tmp_path):
+    from medusa.llama import load_llama as torch_load
+    from medusa.train.dataset import Example
+    from medusa.train.hidden_cache import build_cache, shard_files, torch_hidden_fn
+    from medusa_jittor_all.train import jittor_backbone
+
+    examples = [Example(list(range(5, 25)), [-100] * 10 + list(range(15, 25))), Example([9, 8, 7, 6], [-100, 8, 7, 6])]
+    jt_fn, tag = jittor_backbone(None, tiny_dir)
+    build_cache(jt_fn, 64, examples, tmp_path / "jt")
+    build_cache(torch_hidden_fn(torch_load(tiny_dir)), 64, examples, tmp_path / "torch")
+    a, b = (np.load(shard_files(tmp_path / d)[0]) for d in ("jt", "torch"))
+    assert tag == "-jittor" and (a["ids"] == b["ids"]).all() and (a["offsets"] == b["offsets"]).all()
+    np.testing.assert_allclose(a["hidden"].astype(np.float32), b["hidden"].astype(np.float32), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.slow
+def test_jittor_backbone_training_end_to_end(tmp_path):
+    import json
+
+    from medusa_jittor_all.train import main
+
+    convs = [{"id": f"c{i}", "conversations": [{"from": "human", "value": f"Count from {i} to {i + 9}."},
+                                                {"from": "gpt", "value": ", ".join(str(i + k) for k in range(10))}]}
+             for i in range(12)]
+    data = tmp_path / "convs.json"
+    data.write_text(json.dumps(convs))
+    metrics = main(["--data", str(data), "--out", str(tmp_path / "heads"), "--cache-dir", str(tmp_path / "cache"),
+                    "--max-length", "64", "--eval-fraction", "0.2", "--epochs", "2", "--batch-tokens", "128",
+                    "--num-heads", "2"])
+    assert metrics["train_tokens_per_second"] > 0 and len(metrics["top1"]) == 2
+    assert (tmp_path / "heads" / "config.json").is_file()

@@ -15,14 +15,10 @@ from typing import Any, Optional, Sequence
 
 from tqdm import tqdm
 
-from medusa.core.backends import BACKENDS, load_backend
 from medusa.core.checkpoint import atomic_write_text
-from medusa.core.config import GenerationConfig
-from medusa.core.models import DEFAULT_MODEL
-from medusa.core.prompts import stop_token_ids
 from medusa.core.stats import Record, format_table, speedups, summarize
 
-from .harness import Arm, backend_arm, hf_arm, run_question
+from .harness import Arm, add_run_args, backend_arm, backend_from_args, config_from_args, hf_arm, run_question, warm_up
 from .questions import load_questions
 
 log = logging.getLogger("bench_speed")
@@ -33,22 +29,12 @@ MODES = {"baseline": ("baseline",), "medusa": ("medusa",), "both": ("baseline", 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--backend", choices=list(BACKENDS), default="torch")
+    add_run_args(p)
     p.add_argument("--mode", choices=list(MODES), default="both",
                    help="arms to run; 'all' adds HF generate and HF prompt-lookup on the same weights")
     p.add_argument("--questions", type=Path, default=None, help="MT-Bench-format JSONL (default: MT-Bench)")
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--turns", type=int, default=None, help="turns per question (default: all)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--medusa-heads", default=None,
-                   help="Medusa checkpoint dir (default: the heads shipped for the model; 'fresh' = untrained)")
-    p.add_argument("--tree", default=None)
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--conv-template", default=None)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--show-answers", action="store_true", help="print every answer's text")
     return p
@@ -59,8 +45,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         questions = load_questions(args.questions, args.limit)
-        backend = load_backend(args.backend, model=args.model, heads=args.medusa_heads, tree=args.tree,
-                               dtype=args.dtype, device=args.device)
+        backend = backend_from_args(args)
     except (ValueError, FileNotFoundError) as err:
         log.error("%s", err)
         return 2
@@ -71,12 +56,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def bench(args: argparse.Namespace, questions: list[dict[str, Any]], backend: Any) -> dict[str, Any]:
     """Run every arm over the questions; print the table and the JSON line; write --out."""
     tok = backend.tokenizer
-    cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
-                           stop_token_ids=stop_token_ids(tok, args.conv_template))
+    cfg = config_from_args(tok, args)
     arms = _arms(MODES[args.mode], backend, args)
     records: list[Record] = []
     for arm in arms:
-        run_question(arm, tok, questions[0], cfg.with_(max_new_tokens=8), args.conv_template, 1)  # warm-up
+        warm_up(arm, tok, questions[0], cfg, args.conv_template)
+        if hasattr(backend.decoder, "timer"):
+            backend.decoder.timer.reset()  # --profile: time steady-state steps only
         for q in tqdm(questions, desc=f"{args.backend}/{arm.name}", unit="q"):
             recs, answers = run_question(arm, tok, q, cfg, args.conv_template, args.turns)
             records += recs
@@ -88,7 +74,8 @@ def bench(args: argparse.Namespace, questions: list[dict[str, Any]], backend: An
         args.out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(args.out, json.dumps(result, indent=1, default=str))
     print(json.dumps({"backend": args.backend, "summary": _compact(result["summary"]), "speedup": result["speedup"],
-                      "outputs_identical": result["outputs_identical"]}))
+                      "outputs_identical": result["outputs_identical"],
+                      "ms_per_medusa_step": result["setup"].get("ms_per_step")}))
     return result
 
 

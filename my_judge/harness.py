@@ -7,13 +7,16 @@ counted from the returned ids.
 """
 from __future__ import annotations
 
+import argparse
 import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+from medusa.core.backends import BACKENDS, Backend, load_backend
 from medusa.core.config import GenerationConfig
-from medusa.core.prompts import encode_prompt
+from medusa.core.models import DEFAULT_MODEL
+from medusa.core.prompts import encode_prompt, stop_token_ids
 from medusa.core.stats import Record
 
 # prompt ids, config -> (new ids, steps, accept histogram)
@@ -26,6 +29,33 @@ class Arm:
     generate: Generate
     synchronize: Callable[[], None]
     medusa: bool = False
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """The flags that load a backend and set decoding, shared by every generating CLI."""
+    p.add_argument("--backend", choices=list(BACKENDS), default="torch")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--medusa-heads", default=None,
+                   help="Medusa checkpoint dir (default: the heads shipped for the model; 'fresh' = untrained)")
+    p.add_argument("--tree", default=None)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--conv-template", default=None)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", action="store_true",
+                   help="time the parts of each Medusa step (heads, tree forward, posterior, cache update)")
+
+
+def backend_from_args(args: argparse.Namespace) -> Backend:
+    return load_backend(args.backend, model=args.model, heads=args.medusa_heads, tree=args.tree,
+                        dtype=args.dtype, device=args.device, profile=args.profile)
+
+
+def config_from_args(tokenizer: Any, args: argparse.Namespace) -> GenerationConfig:
+    return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+                            stop_token_ids=stop_token_ids(tokenizer, args.conv_template))
 
 
 def backend_arm(backend: Any, medusa: bool) -> Arm:
@@ -57,6 +87,12 @@ def hf_arm(model: Any, name: str, prompt_lookup: Optional[int] = None) -> Arm:
             torch.cuda.synchronize()
 
     return Arm(name, generate, sync)
+
+
+def warm_up(arm: Arm, tokenizer: Any, question: dict[str, Any], cfg: GenerationConfig,
+            template: Optional[str] = None) -> None:
+    """One short untimed generation, so the first timed question does not pay for lazy initialisation."""
+    run_question(arm, tokenizer, question, cfg.with_(max_new_tokens=8), template, 1)
 
 
 def run_question(arm: Arm, tokenizer: Any, question: dict[str, Any], cfg: GenerationConfig,

@@ -123,7 +123,7 @@ def test_clear_errors_for_bad_inputs(tmp_path):
     bad_jsonl = tmp_path / "q.jsonl"
     bad_jsonl.write_text('{"question_id": 1, "turns": ["hi"]}\n{broken\n')
     for extra, message in ((["--questions", str(bad_jsonl)], "q.jsonl:2: not valid JSON"),
-                           (["--backend", "jittor", "--limit", "1"], "backend 'jittor'")):
+                           (["--backend", "jittor", "--dtype", "bfloat16", "--limit", "1"], "backend 'jittor' runs float32")):
         run = subprocess.run([sys.executable, "-m", "my_judge.bench_speed", *extra], capture_output=True, text=True,
                              timeout=300)
         assert run.returncode == 2 and message in run.stderr, run.stderr

@@ -101,5 +101,9 @@ class StepTimer:
             self.sync()
             self.seconds[name] += time.perf_counter() - start
 
+    def reset(self) -> None:
+        self.seconds.clear()
+        self.steps = 0
+
     def ms_per_step(self) -> dict[str, float]:
         return {k: round(1e3 * v / max(self.steps, 1), 3) for k, v in self.seconds.items()}

@@ -14,10 +14,11 @@ from .core.backends import BackendBase
 from .core.config import GenerationConfig, MedusaConfig
 from .core.models import DEFAULT_MODEL
 from .core.stats import StepTimer
+from .core.token_map import load_token_map
 from .decoding import (TorchTree, evaluate_posterior, generate_candidates, sample_token, sample_typical,
                        tree_decode, update_inputs)
 from .heads import MedusaHeads, heads_from_state
-from .llama import KVCache, Transformer, load_llama, pack_linears
+from .llama import KVCache, Transformer, load_llama, pack_linears, packed
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -114,6 +115,7 @@ class TorchBackend(BackendBase):
         self.device, self.dtype = pick_device(device), torch_dtype(dtype)
         self.model = load_llama(self.model_dir, self.dtype, self.device)
         self.heads_config, self.heads = self._load_heads()  # before packing: heads may copy the dense lm_head
+        self.proposal_ids, self.proposal_head = self._proposal_head()
         pack_linears(self.model)
         buffers = self._tree(tree, self.heads_config)
         self.decoder = TorchDecoder(self.model, self.heads_topk, TorchTree.from_buffers(buffers, self.device), max_len,
@@ -128,12 +130,23 @@ class TorchBackend(BackendBase):
             heads = heads_from_state(config, state, args.hidden_size, args.vocab_size, self.dtype, self.device)
         return config, pack_linears(heads.eval())
 
+    def _proposal_head(self) -> tuple[Optional[Tensor], torch.nn.Module]:
+        """The projection shared heads propose through: the base lm_head, or its token-map rows."""
+        ids = load_token_map(self.heads_path, self.heads_config)
+        if ids is None:
+            return None, self.model.output
+        rows = torch.nn.Linear(self.model.args.hidden_size, len(ids), bias=False, device=self.device, dtype=self.dtype)
+        rows.weight.data.copy_(self.model.output.weight.detach()[torch.as_tensor(ids, device=self.device)])
+        return torch.as_tensor(ids, device=self.device), packed(rows)
+
     def heads_topk(self, hidden: Tensor) -> Tensor:
-        return self.heads.topk(hidden, self.model.output)
+        top = self.heads.topk(hidden, self.proposal_head)
+        return top if self.proposal_ids is None else self.proposal_ids[top]
 
     def synchronize(self) -> None:
         self.decoder.synchronize()
 
     def describe(self) -> dict[str, Any]:
         return dict(super().describe(), num_heads=self.heads_config.medusa_num_heads,
+                    proposal_vocab=len(self.proposal_ids) if self.proposal_ids is not None else self.model.args.vocab_size,
                     dtype=str(self.dtype).replace("torch.", ""), device=self.device)

@@ -81,14 +81,20 @@ class OneDNNLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
 
-def pack_linears(module: nn.Module) -> nn.Module:
-    """Swap every nn.Linear for a OneDNNLinear where that helps: CPU, fp32 or bf16, inference."""
+def packed(linear: nn.Linear) -> nn.Module:
+    """``linear`` as a OneDNNLinear where that helps (CPU, fp32 or bf16), else unchanged."""
     usable = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    w = linear.weight
+    if usable and w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16):
+        return OneDNNLinear(linear)
+    return linear
+
+
+def pack_linears(module: nn.Module) -> nn.Module:
+    """Swap every nn.Linear inside ``module`` for its packed form (inference only)."""
     for name, child in module.named_children():
         if isinstance(child, nn.Linear):
-            w = child.weight
-            if usable and w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16):
-                setattr(module, name, OneDNNLinear(child))
+            setattr(module, name, packed(child))
         else:
             pack_linears(child)
     return module

@@ -9,7 +9,7 @@ Heads compute in fp32 in Jittor whatever the backbone dtype.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -17,8 +17,9 @@ from torch import Tensor
 
 from medusa.backend import TorchBackend
 from medusa.core.config import MedusaConfig
+from medusa.core.token_map import load_token_map
 
-from .heads import MedusaHeads, heads_from_state
+from .heads import MedusaHeads, heads_from_state, jittor_rows
 from .runtime import jt
 
 
@@ -33,11 +34,15 @@ class HybridBackend(TorchBackend):
         else:
             heads = heads_from_state(config, state, args.hidden_size, args.vocab_size)
         heads.eval()
-        self.jt_lm_head = jt.nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-        self.jt_lm_head.weight.assign(jt.array(self.model.output.weight.detach().float().cpu().numpy()))
         self.bridge_s = self.heads_s = 0.0
         self.head_calls = 0
         return config, heads
+
+    def _proposal_head(self) -> tuple[Optional[Tensor], jt.nn.Module]:
+        """A Jittor copy of the base lm_head (or of its token-map rows) for the shared heads."""
+        ids = load_token_map(self.heads_path, self.heads_config)
+        weight = self.model.output.weight.detach().float().cpu().numpy()
+        return (None if ids is None else torch.as_tensor(ids, device=self.device)), jittor_rows(weight, ids)
 
     def heads_topk(self, hidden: Tensor) -> Tensor:
         """hidden [h] (torch) -> [H, TOPK] token ids (torch), computed by the Jittor heads."""
@@ -45,9 +50,11 @@ class HybridBackend(TorchBackend):
         x = jt.array(hidden.detach().float().cpu().numpy())
         t1 = time.perf_counter()
         with jt.no_grad():
-            ids = self.heads.topk(x, self.jt_lm_head).numpy()
+            ids = self.heads.topk(x, self.proposal_head).numpy()
         t2 = time.perf_counter()
         out = torch.from_numpy(ids.astype(np.int64)).to(self.device)
+        if self.proposal_ids is not None:
+            out = self.proposal_ids[out]
         t3 = time.perf_counter()
         self.bridge_s += (t1 - t0) + (t3 - t2)
         self.heads_s += t2 - t1

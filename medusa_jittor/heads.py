@@ -5,6 +5,8 @@ original checkpoint keys and a checkpoint trained in either framework loads stri
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 
 from medusa.core.checkpoint import StateDict, build_head_modules, check_shapes, infer_layout
@@ -52,6 +54,14 @@ class MedusaHeads(nn.ModuleList):
 
     def numpy_state(self) -> StateDict:
         return {k: v.numpy().astype(np.float32) for k, v in self.state_dict().items()}
+
+
+def jittor_rows(weight: np.ndarray, ids: Optional[np.ndarray]) -> nn.Linear:
+    """A bias-free Jittor Linear projecting onto rows ``ids`` of ``weight`` [V, h] (all rows if None)."""
+    rows = weight if ids is None else weight[ids]
+    linear = nn.Linear(rows.shape[1], rows.shape[0], bias=False)
+    linear.weight.assign(jt.array(np.ascontiguousarray(rows, dtype=np.float32)))
+    return linear
 
 
 def topk_ids(scores: jt.Var, k: int) -> jt.Var:

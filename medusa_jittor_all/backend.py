@@ -14,7 +14,8 @@ from medusa.core.backends import BackendBase, BackendError
 from medusa.core.config import GenerationConfig, MedusaConfig
 from medusa.core.models import DEFAULT_MODEL
 from medusa.core.stats import StepTimer
-from medusa_jittor.heads import MedusaHeads, heads_from_state
+from medusa.core.token_map import load_token_map
+from medusa_jittor.heads import MedusaHeads, heads_from_state, jittor_rows
 from medusa_jittor.runtime import jt
 
 from .decoding import (JittorTree, additive_mask, evaluate_posterior, generate_candidates, sample_first,
@@ -28,8 +29,11 @@ class JittorDecoder:
     """Engine primitives over the Jittor model and heads."""
 
     def __init__(self, model: Transformer, heads: MedusaHeads, tree: JittorTree, max_len: int,
-                 profile: bool = False) -> None:
+                 profile: bool = False, proposal_ids: Optional[np.ndarray] = None) -> None:
+        """``proposal_ids``: the heads' token map (their shared projection then covers only those rows)."""
         self.model, self.heads, self.tree = model, heads, tree
+        self.proposal_ids = proposal_ids
+        self.proposal_head = model.output if proposal_ids is None else jittor_rows(model.output.weight.numpy(), proposal_ids)
         self.cache = KVCache(model.args, max_len)
         self.max_len = max_len
         self.hidden: Optional[jt.Var] = None  # [h] at the last committed position
@@ -67,7 +71,9 @@ class JittorDecoder:
     def medusa_step(self, root: int, cfg: GenerationConfig) -> tuple[list[int], int, int]:
         with jt.no_grad():
             with self.timer.part("heads"):
-                head_topk = self.heads.topk(self.hidden, self.model.output).numpy()
+                head_topk = self.heads.topk(self.hidden, self.proposal_head).numpy()
+                if self.proposal_ids is not None:
+                    head_topk = self.proposal_ids[head_topk]
             candidates = generate_candidates(root, head_topk, self.tree)
             with self.timer.part("tree_forward"):
                 hidden, logits = tree_decode(self.model, self.cache, candidates, self.tree)
@@ -95,7 +101,8 @@ class JittorBackend(BackendBase):
         self.model = load_llama(self.model_dir, self.dtype)
         self.heads_config, self.heads = self._load_heads()
         buffers = self._tree(tree, self.heads_config)
-        self.decoder = JittorDecoder(self.model, self.heads, JittorTree.from_buffers(buffers), max_len, profile)
+        self.decoder = JittorDecoder(self.model, self.heads, JittorTree.from_buffers(buffers), max_len, profile,
+                                     load_token_map(self.heads_path, self.heads_config))
 
     @staticmethod
     def _device(name: str) -> str:
@@ -118,5 +125,6 @@ class JittorBackend(BackendBase):
         jt.sync_all()
 
     def describe(self) -> dict[str, Any]:
+        ids = self.decoder.proposal_ids
         return dict(super().describe(), num_heads=self.heads_config.medusa_num_heads, dtype=self.dtype,
-                    device=self.device)
+                    device=self.device, proposal_vocab=self.model.args.vocab_size if ids is None else len(ids))

@@ -15,7 +15,7 @@ from medusa.core.stats import Record, speedups, summarize
 def test_core_imports_no_framework():
     code = ("import sys, medusa.core.trees, medusa.core.buffers, medusa.core.config, medusa.core.checkpoint, "
             "medusa.core.engine, medusa.core.stats, medusa.core.backends, medusa.core.models, medusa.core.prompts, "
-            "medusa.core.weights; bad = [m for m in ('torch', 'jittor') if m in sys.modules]; "
+            "medusa.core.weights, medusa.core.acceptance, medusa.core.token_map; bad = [m for m in ('torch', 'jittor') if m in sys.modules]; "
             "sys.exit(f'imported {bad}' if bad else 0)")
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -148,3 +148,25 @@ def test_stats_summary_and_speedup():
     assert s["medusa"]["mean_accept_length"] == 2.5 and s["medusa"]["accept_hist"] == {2: 2, 3: 2}
     assert speedups(s) == {"medusa": 2.0}
     assert s["baseline"]["per_category"]["math"]["tokens_per_second"] == 5.0
+
+
+def test_token_map_keeps_the_most_frequent_targets_and_loads_strictly(tmp_path):
+    import json
+
+    from medusa.core.checkpoint import CheckpointError
+    from medusa.core.config import MedusaConfig
+    from medusa.core.token_map import build_token_map, coverage, load_token_map
+
+    labels = np.array([5, 5, 5, 9, 9, 2, -100, 7, 5, 9])
+    built = build_token_map(labels, 2)
+    assert built["ids"] == [5, 9] and built["coverage"] == pytest.approx(7 / 9)
+    assert coverage(np.array([5, 9]), np.array([5, 2, -100, 9])) == pytest.approx(2 / 3)
+    (tmp_path / "map.json").write_text(json.dumps(built))
+    shared = MedusaConfig(2, 1, shared_lm_head=True, token_map="map.json")
+    assert load_token_map(tmp_path, shared).tolist() == [5, 9]
+    assert load_token_map(tmp_path, MedusaConfig(2, 1, shared_lm_head=True)) is None
+    with pytest.raises(CheckpointError, match="shared-lm_head"):
+        load_token_map(tmp_path, MedusaConfig(2, 1, shared_lm_head=False, token_map="map.json"))
+    (tmp_path / "map.json").write_text("{broken")
+    with pytest.raises(CheckpointError, match="unreadable token map"):
+        load_token_map(tmp_path, shared)

@@ -118,6 +118,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> tuple[MedusaConfig, StateDi
         base_model_name_or_path=str(raw.get("base_model_name_or_path", "")),
         shared_lm_head=shared,
         tree=raw.get("tree"),
+        token_map=raw.get("token_map"),
     )
     return config, state
 

@@ -107,13 +107,16 @@ def _llama3_scale(freq: float, s: dict[str, Any]) -> float:
 
 @dataclass(frozen=True)
 class MedusaConfig:
-    """What ``config.json`` of an original-format Medusa checkpoint says (plus our tree choice)."""
+    """What ``config.json`` of an original-format Medusa checkpoint says, plus our additions: the
+    tree (a named tree or a file beside the heads) and the proposal vocabulary (``token_map``: a
+    file beside the heads listing the token ids heads may propose; see ``core.token_map``)."""
 
     medusa_num_heads: int
     medusa_num_layers: int = 1
     base_model_name_or_path: str = ""
     shared_lm_head: bool = False
     tree: Optional[str] = None
+    token_map: Optional[str] = None
 
 
 @dataclass(frozen=True)

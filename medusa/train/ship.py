@@ -1,7 +1,8 @@
 """Copy trained heads into the package (``medusa/shipped/NAME``) as fp16 safetensors.
 
 What ships: the Medusa checkpoint (``config.json`` naming its tree, ``medusa_lm_head.safetensors``),
-``tree.json`` from the tree search and ``metrics.json`` from training; the optimiser state does not.
+``tree.json`` from the tree search, ``token_map.json`` (proposal vocabulary) and ``metrics.json``
+from training; the optimiser state does not.
 """
 from __future__ import annotations
 
@@ -14,13 +15,14 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..core.checkpoint import CONFIG_NAME, load_checkpoint, save_checkpoint
+from ..core.token_map import TOKEN_MAP_FILE
 
 
 def ship(heads_dir: Path, dest: Path) -> Path:
     config, state = load_checkpoint(heads_dir)
     extra = {k: v for k, v in json.loads((heads_dir / CONFIG_NAME).read_text()).items() if k == "training"}
     save_checkpoint(dest, config, {k: v.astype(np.float16) for k, v in state.items()}, extra=extra)
-    for name in ("tree.json", "metrics.json"):
+    for name in ("tree.json", "metrics.json", TOKEN_MAP_FILE):
         if (heads_dir / name).is_file():
             shutil.copy(heads_dir / name, dest / name)
     return dest

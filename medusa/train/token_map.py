@@ -1,0 +1,53 @@
+"""``python -m medusa.train.token_map``: give trained shared-lm_head heads a proposal vocabulary.
+
+Counts the assistant tokens of the training split's hidden-state cache, keeps the ``--size`` most
+frequent as ``token_map.json`` beside the heads (named in their ``config.json``) and reports how
+much of the held-out split it covers.  Every backend then projects head states onto those rows
+only (see ``medusa.core.token_map``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from ..core.checkpoint import CONFIG_NAME, CheckpointError, atomic_write_text, load_checkpoint
+from ..core.token_map import TOKEN_MAP_FILE, build_token_map, coverage
+from .hidden_cache import shard_files
+
+log = logging.getLogger("medusa.train.token_map")
+
+
+def cached_labels(cache_dir: Path) -> np.ndarray:
+    files = shard_files(cache_dir)
+    if not files:
+        raise FileNotFoundError(f"no hidden-state shards in {cache_dir}")
+    return np.concatenate([np.load(f)["labels"] for f in files])
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--medusa-heads", type=Path, required=True)
+    p.add_argument("--cache-dir", type=Path, required=True, help="hidden-state cache holding train/ and eval/")
+    p.add_argument("--size", type=int, default=8192)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    config, _ = load_checkpoint(args.medusa_heads)
+    if not config.shared_lm_head:
+        raise CheckpointError("a token map needs shared-lm_head heads")
+    result = build_token_map(cached_labels(args.cache_dir / "train"), args.size)
+    result["held_out_coverage"] = coverage(np.array(result["ids"]), cached_labels(args.cache_dir / "eval"))
+    atomic_write_text(args.medusa_heads / TOKEN_MAP_FILE, json.dumps(result) + "\n")
+    raw = json.loads((args.medusa_heads / CONFIG_NAME).read_text())
+    atomic_write_text(args.medusa_heads / CONFIG_NAME, json.dumps(dict(raw, token_map=TOKEN_MAP_FILE), indent=2) + "\n")
+    log.info("%d ids cover %.4f of training targets, %.4f held out", len(result["ids"]), result["coverage"],
+             result["held_out_coverage"])
+    return result
+
+
+if __name__ == "__main__":
+    main()

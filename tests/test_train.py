@@ -131,3 +131,10 @@ def test_fasterdecoding_checkpoints_load_both_ways(tmp_path):
     back = original_heads(3, 2, 16, 40)
     back.load_state_dict(torch.load(tmp_path / "ours" / "medusa_lm_head.pt"), strict=True)
     assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), theirs.state_dict().values()))
+
+
+def test_max_steps_shortens_the_run():
+    from medusa.train.trainer import TrainConfig
+
+    assert TrainConfig(batch_tokens=100, epochs=2).total_steps(950) == (10, 20)
+    assert TrainConfig(batch_tokens=100, epochs=2, max_steps=7).total_steps(950) == (10, 7)

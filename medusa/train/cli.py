@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="original Medusa-1 heads with their own vocabulary projection (default: shared lm_head)")
     defaults = TrainConfig()
     for name in ("num_heads", "num_layers", "decay", "lr", "weight_decay", "warmup_ratio", "epochs", "batch_tokens",
-                 "grad_accum", "seed", "save_every"):
+                 "grad_accum", "seed", "save_every", "max_steps"):
         p.add_argument("--" + name.replace("_", "-"), type=type(getattr(defaults, name)), default=getattr(defaults, name))
     p.add_argument("--fp32", action="store_true", help="train in fp32 instead of bf16 autocast")
     p.add_argument("--eval-only", action="store_true",
@@ -61,7 +61,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(num_heads=args.num_heads, num_layers=args.num_layers, shared_lm_head=not args.per_head_lm_head,
                        decay=args.decay, lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
                        epochs=args.epochs, batch_tokens=args.batch_tokens, grad_accum=args.grad_accum,
-                       bf16=not args.fp32, seed=args.seed, save_every=args.save_every)
+                       bf16=not args.fp32, seed=args.seed, save_every=args.save_every, max_steps=args.max_steps)
 
 
 def torch_backbone(args: argparse.Namespace, model_dir: Path) -> tuple[HiddenFn, str]:

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -50,6 +51,13 @@ class TrainConfig:
     bf16: bool = True
     seed: int = 0
     save_every: int = 200
+    max_steps: int = 0  # > 0: stop there (smoke runs, throughput checks); the schedule spans the shortened run
+
+    def total_steps(self, positions: int) -> tuple[int, int]:
+        """(steps per epoch, total steps) for ``positions`` training positions."""
+        per_epoch = math.ceil(positions / self.batch_tokens)
+        total = per_epoch * self.epochs
+        return per_epoch, min(total, self.max_steps) if self.max_steps > 0 else total
 
 
 def head_targets(labels: np.ndarray, offsets: np.ndarray, num_heads: int) -> np.ndarray:
@@ -161,12 +169,12 @@ def train(heads: MedusaHeads, lm_head: nn.Linear, train_data: TokenData, eval_da
     model = HeadsWithBase(heads, lm_head)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(train_data) / cfg.batch_tokens)
-    total = steps_per_epoch * cfg.epochs
+    steps_per_epoch, total = cfg.total_steps(len(train_data))
     scheduler = cosine_schedule(optimizer, int(cfg.warmup_ratio * total), total)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     step = _resume(out_dir, accelerator.unwrap_model(model), optimizer, scheduler)
     bar = tqdm(total=total, initial=step, desc="train heads", unit="step", disable=not accelerator.is_main_process)
+    tokens, start = 0, time.perf_counter()
     while step < total:
         epoch, skip = divmod(step, steps_per_epoch)
         for i, (hidden, targets) in enumerate(train_data.batches(cfg.batch_tokens, seed=cfg.seed + epoch)):
@@ -181,12 +189,17 @@ def train(heads: MedusaHeads, lm_head: nn.Linear, train_data: TokenData, eval_da
                 scheduler.step()
                 optimizer.zero_grad()
             step += 1
+            tokens += hidden.shape[0]
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", **{f"h{k}": f"{v:.2f}" for k, v in enumerate(per_head)})
             if step % cfg.save_every == 0 or step == total:
                 _save(out_dir, accelerator, model, optimizer, scheduler, step, cfg, base_model)
+            if step == total:
+                break
     bar.close()
+    elapsed = time.perf_counter() - start
     metrics = evaluate(accelerator.unwrap_model(model), eval_data, cfg) if eval_data is not None else {}
+    metrics["train_tokens_per_second"] = tokens / max(elapsed, 1e-9)
     if accelerator.is_main_process:
         atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=1) + "\n")
     return metrics

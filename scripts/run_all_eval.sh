@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # MT-Bench evaluation end to end; every step resumes where an earlier run stopped:
 #   answers (baseline + Medusa) per backend -> speed summary -> LLM judge (if configured) -> results -> plots.
-#   BACKENDS        backends to evaluate              (default "torch"; "torch hybrid jittor" once jittor exists)
+#   BACKENDS        backends to evaluate              (default "torch hybrid jittor")
 #   MODEL HEADS TREE DTYPE DEVICE CONV_TEMPLATE       as --model --medusa-heads --tree --dtype --device
 #                   --conv-template                   (default: embedded SmolLM2, its shipped heads, fp32, auto)
 #   LIMIT START     which MT-Bench questions          (default 3 from 0: minutes on a CPU; LIMIT=80 for all)
@@ -19,7 +19,7 @@ cd "$(dirname "$0")/.."
 if [ -z "${PY:-}" ]; then
     if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python; fi
 fi
-BACKENDS=${BACKENDS:-torch}
+BACKENDS=${BACKENDS:-torch hybrid jittor}
 MODEL=${MODEL:-smollm2-135m}
 OUT=${OUT:-results/mt_bench}
 ASSETS=${ASSETS:-assets}

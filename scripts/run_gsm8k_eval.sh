@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GSM8K evaluation end to end; every step resumes where an earlier run stopped:
 #   test split -> answers (baseline + Medusa) per backend -> accuracy -> speed summary -> plots.
-#   BACKENDS        backends to evaluate              (default "torch"; "torch hybrid jittor" once jittor exists)
+#   BACKENDS        backends to evaluate              (default "torch hybrid jittor")
 #   MODEL HEADS TREE DTYPE DEVICE CONV_TEMPLATE       as --model --medusa-heads --tree --dtype --device
 #                   --conv-template                   (default: embedded SmolLM2, its shipped heads, fp32, auto)
 #   LIMIT START     which test problems               (default 3 from 0: minutes on a CPU; LIMIT=1319 for all)
@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 if [ -z "${PY:-}" ]; then
     if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python; fi
 fi
-BACKENDS=${BACKENDS:-torch}
+BACKENDS=${BACKENDS:-torch hybrid jittor}
 OUT=${OUT:-results/gsm8k}
 ASSETS=${ASSETS:-assets}
 

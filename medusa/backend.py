@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .core.backends import BackendBase
+from .core.buffers import TreeBuffers
 from .core.config import GenerationConfig, MedusaConfig
 from .core.models import DEFAULT_MODEL
 from .core.stats import StepTimer
@@ -23,7 +24,7 @@ from .llama import KVCache, Transformer, load_llama, pack_linears, packed
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
-HeadsTopK = Callable[[Tensor], Tensor]  # hidden [h] -> [H, TOPK] token ids
+HeadsTopK = Callable[[Tensor, int, int], Tensor]  # hidden [h], heads used, ranks used -> [heads, TOPK] ids
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -65,6 +66,9 @@ class TorchDecoder:
     def tree_size(self) -> int:
         return self.tree.num_nodes
 
+    def set_tree(self, buffers: TreeBuffers) -> None:
+        self.tree = TorchTree.from_buffers(buffers, self.device)
+
     @torch.inference_mode()
     def prefill(self, ids: list[int], cfg: GenerationConfig) -> int:
         self.cache.reset()
@@ -89,7 +93,7 @@ class TorchDecoder:
     @torch.inference_mode()
     def medusa_step(self, root: int, cfg: GenerationConfig) -> tuple[list[int], int, int]:
         with self.timer.part("heads"):
-            head_topk = self.heads_topk(self.hidden)
+            head_topk = self.heads_topk(self.hidden, self.tree.depth, self.tree.topk)
         candidates = generate_candidates(torch.tensor(root, device=self.device), head_topk, self.tree)
         with self.timer.part("tree_forward"):
             hidden, logits = tree_decode(self.model, self.cache, candidates, self.tree)
@@ -139,8 +143,8 @@ class TorchBackend(BackendBase):
         rows.weight.data.copy_(self.model.output.weight.detach()[torch.as_tensor(ids, device=self.device)])
         return torch.as_tensor(ids, device=self.device), packed(rows)
 
-    def heads_topk(self, hidden: Tensor) -> Tensor:
-        top = self.heads.topk(hidden, self.proposal_head)
+    def heads_topk(self, hidden: Tensor, depth: int, k: int) -> Tensor:
+        top = self.heads.topk(hidden, self.proposal_head, depth, k)
         return top if self.proposal_ids is None else self.proposal_ids[top]
 
     def synchronize(self) -> None:

@@ -41,13 +41,14 @@ class TorchTree:
     retrieve_indices: Tensor  # [P, D+1], -1 padded
     parents: Tensor  # [N], root's parent clamped to 0 (never read as a parent)
     depth: int
+    topk: int  # ranks per head the tree uses
     retrieve_indices_host: np.ndarray  # [P, D+1] for the path walk, which runs on the host
 
     @classmethod
     def from_buffers(cls, b: TreeBuffers, device: torch.device | str) -> "TorchTree":
         t = lambda a: torch.as_tensor(a, device=device)  # noqa: E731
         return cls(t(b.attn_mask), t(b.tree_indices), t(b.position_ids), t(b.retrieve_indices),
-                   t(b.parents).clamp(min=0), b.depth, b.retrieve_indices)
+                   t(b.parents).clamp(min=0), b.depth, b.topk, b.retrieve_indices)
 
     @property
     def num_nodes(self) -> int:

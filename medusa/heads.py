@@ -10,8 +10,11 @@ choice for small models whose vocabulary projection outweighs the blocks.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .core.checkpoint import StateDict, build_head_modules, check_shapes, infer_layout
@@ -44,15 +47,16 @@ class MedusaHeads(nn.ModuleList):
             for head in self:
                 head[-1].weight.data.copy_(base_lm_head)
 
-    def forward(self, hidden: Tensor, base_lm_head: nn.Module) -> Tensor:
-        """hidden [..., h] -> logits [num_heads, ..., V] (fp32); ``base_lm_head`` is the model's output layer."""
-        if self.config.shared_lm_head:
-            return base_lm_head(torch.stack([head(hidden) for head in self])).float()
-        return torch.stack([head(hidden) for head in self]).float()
+    def forward(self, hidden: Tensor, base_lm_head: nn.Module, depth: Optional[int] = None) -> Tensor:
+        """hidden [..., h] -> logits [num_heads, ..., V] (fp32) of the first ``depth`` heads (all by
+        default); ``base_lm_head`` is the model's output layer (or its token-map rows)."""
+        states = torch.stack([head(hidden) for head in list(self)[:depth]])
+        return (base_lm_head(states) if self.config.shared_lm_head else states).float()
 
-    def topk(self, hidden: Tensor, base_lm_head: nn.Module) -> Tensor:
-        """hidden [h] -> the TOPK best token ids of every head, [num_heads, TOPK]."""
-        return self(hidden, base_lm_head).topk(TOPK, dim=-1).indices
+    def topk(self, hidden: Tensor, base_lm_head: nn.Module, depth: Optional[int] = None, k: int = TOPK) -> Tensor:
+        """hidden [h] -> the k best ids of the first ``depth`` heads, [depth, TOPK]; ranks >= k are 0
+        (a tree that never uses a head or a rank does not pay for it)."""
+        return F.pad(self(hidden, base_lm_head, depth).topk(k, dim=-1).indices, (0, TOPK - k))
 
     def numpy_state(self) -> StateDict:
         return {k: v.detach().float().cpu().numpy() for k, v in self.state_dict().items()}

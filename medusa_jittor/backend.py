@@ -44,13 +44,13 @@ class HybridBackend(TorchBackend):
         weight = self.model.output.weight.detach().float().cpu().numpy()
         return (None if ids is None else torch.as_tensor(ids, device=self.device)), jittor_rows(weight, ids)
 
-    def heads_topk(self, hidden: Tensor) -> Tensor:
-        """hidden [h] (torch) -> [H, TOPK] token ids (torch), computed by the Jittor heads."""
+    def heads_topk(self, hidden: Tensor, depth: int, k: int) -> Tensor:
+        """hidden [h] (torch) -> [depth, TOPK] token ids (torch), computed by the Jittor heads."""
         t0 = time.perf_counter()
         x = jt.array(hidden.detach().float().cpu().numpy())
         t1 = time.perf_counter()
         with jt.no_grad():
-            ids = self.heads.topk(x, self.proposal_head).numpy()
+            ids = self.heads.topk(x, self.proposal_head, depth, k).numpy()
         t2 = time.perf_counter()
         out = torch.from_numpy(ids.astype(np.int64)).to(self.device)
         if self.proposal_ids is not None:

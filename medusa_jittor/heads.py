@@ -43,14 +43,16 @@ class MedusaHeads(nn.ModuleList):
             for head in self:
                 head[-1].weight.assign(jt.array(base_lm_head))
 
-    def execute(self, hidden: jt.Var, base_lm_head: nn.Module) -> jt.Var:
-        """hidden [..., h] -> logits [num_heads, ..., V]; ``base_lm_head`` is used by shared heads."""
-        states = jt.stack([head(hidden) for head in self])
+    def execute(self, hidden: jt.Var, base_lm_head: nn.Module, depth: Optional[int] = None) -> jt.Var:
+        """hidden [..., h] -> logits [num_heads, ..., V] of the first ``depth`` heads (all by default);
+        ``base_lm_head`` is used by shared heads."""
+        states = jt.stack([head(hidden) for head in list(self)[:depth]])
         return base_lm_head(states) if self.config.shared_lm_head else states
 
-    def topk(self, hidden: jt.Var, base_lm_head: nn.Module) -> jt.Var:
-        """hidden [h] -> the TOPK best token ids of every head, [num_heads, TOPK]."""
-        return topk_ids(self(hidden, base_lm_head), TOPK)
+    def topk(self, hidden: jt.Var, base_lm_head: nn.Module, depth: Optional[int] = None, k: int = TOPK) -> jt.Var:
+        """hidden [h] -> the k best ids of the first ``depth`` heads, [depth, TOPK]; ranks >= k are 0."""
+        top = topk_ids(self(hidden, base_lm_head, depth), k)
+        return top if k == TOPK else jt.concat([top, jt.zeros((top.shape[0], TOPK - k), top.dtype)], dim=1)
 
     def numpy_state(self) -> StateDict:
         return {k: v.numpy().astype(np.float32) for k, v in self.state_dict().items()}

@@ -87,8 +87,7 @@ def train(heads: MedusaHeads, lm_head_weight: np.ndarray, train_data: TokenData,
     """Train Jittor heads (resuming from ``out_dir``), then evaluate; reports tokens/s in metrics."""
     model = JittorHeadsWithBase(heads, lm_head_weight)
     optimizer = jt.optim.AdamW(model.heads.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(train_data) / cfg.batch_tokens)
-    total = steps_per_epoch * cfg.epochs
+    steps_per_epoch, total = cfg.total_steps(len(train_data))
     warmup = int(cfg.warmup_ratio * total)
     step = _resume(out_dir, model.heads)
     tokens, start = 0, time.perf_counter()
@@ -108,9 +107,12 @@ def train(heads: MedusaHeads, lm_head_weight: np.ndarray, train_data: TokenData,
             bar.set_postfix(loss=f"{loss.item():.3f}", **{f"h{k}": f"{v.item():.2f}" for k, v in enumerate(per_head)})
             if step % cfg.save_every == 0 or step == total:
                 _save(out_dir, model.heads, cfg, step, base_model)
+            if step == total:
+                break
     bar.close()
+    elapsed = time.perf_counter() - start
     metrics = evaluate(model, eval_data, cfg) if eval_data is not None else {}
-    metrics["train_tokens_per_second"] = tokens / max(time.perf_counter() - start, 1e-9)
+    metrics["train_tokens_per_second"] = tokens / max(elapsed, 1e-9)
     atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=1) + "\n")
     return metrics
 

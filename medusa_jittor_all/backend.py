@@ -11,6 +11,7 @@ from typing import Any, Optional
 import numpy as np
 
 from medusa.core.backends import BackendBase, BackendError
+from medusa.core.buffers import TreeBuffers
 from medusa.core.config import GenerationConfig, MedusaConfig
 from medusa.core.models import DEFAULT_MODEL
 from medusa.core.stats import StepTimer
@@ -48,6 +49,9 @@ class JittorDecoder:
     def tree_size(self) -> int:
         return self.tree.num_nodes
 
+    def set_tree(self, buffers: TreeBuffers) -> None:
+        self.tree = JittorTree.from_buffers(buffers)
+
     def _forward(self, ids: list[int], positions: np.ndarray) -> jt.Var:
         """Causal forward of ``ids`` at ``positions``; commits them; returns the last hidden [h]."""
         t = len(ids)
@@ -71,7 +75,8 @@ class JittorDecoder:
     def medusa_step(self, root: int, cfg: GenerationConfig) -> tuple[list[int], int, int]:
         with jt.no_grad():
             with self.timer.part("heads"):
-                head_topk = self.heads.topk(self.hidden, self.proposal_head).numpy()
+                b = self.tree.buffers
+                head_topk = self.heads.topk(self.hidden, self.proposal_head, b.depth, b.topk).numpy()
                 if self.proposal_ids is not None:
                     head_topk = self.proposal_ids[head_topk]
             candidates = generate_candidates(root, head_topk, self.tree)

@@ -24,7 +24,7 @@ from medusa.core.weights import our_state, read_hf_numpy
 from medusa_jittor.runtime import jt
 
 nn = jt.nn
-WINDOW = 128  # attention reads the cache in buckets of this many positions
+WINDOW = 32  # attention reads the cache in buckets of this many positions (sizes never trigger compiles)
 NEG_INF = -1e30  # additive mask value: exp() underflows to exactly 0, no inf - inf NaNs
 
 
@@ -62,9 +62,13 @@ class KVCache:
         """Keep pending entries ``nodes`` (offsets from ``length``, increasing) and commit them.
 
         Always moves ``width`` entries (``nodes`` padded with its last node) so the copy has one
-        shape every step; the padding lands past the new length, where the mask hides it.
+        shape every step; the padding lands past the new length, where the mask hides it.  When the
+        kept entries are already in place (nothing or only the first branch accepted) nothing moves.
         """
         n = len(nodes)
+        if (nodes == np.arange(n)).all():
+            self.length += n
+            return
         src = jt.array(np.pad(nodes, (0, width - n), mode="edge").astype(np.int32) + self.length)
         for buf in self.k + self.v:
             buf[:, :, self.length:self.length + width] = buf[:, :, src]

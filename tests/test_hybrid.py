@@ -37,6 +37,9 @@ def test_jittor_heads_match_torch_heads(shared):
     got = jh(jt.array(x.numpy()), jlm).numpy()
     assert np.abs(got - want).max() / np.abs(want).max() <= 1e-5
     assert (jh.topk(jt.array(x[0].numpy()), jlm).numpy() == th.topk(x[0], lm).numpy()).all()
+    partial = th.topk(x[0], lm, depth=2, k=3)  # only what a tree uses: 2 heads, 3 ranks, zero-padded
+    assert partial.shape == (2, 10) and (partial[:, 3:] == 0).all() and (partial[:, :3] == th.topk(x[0], lm)[:2, :3]).all()
+    assert (jh.topk(jt.array(x[0].numpy()), jlm, 2, 3).numpy() == partial.numpy()).all()
 
 
 def test_checkpoint_round_trip_torch_jittor_torch_is_bit_exact(tmp_path):

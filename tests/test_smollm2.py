@@ -65,7 +65,7 @@ def test_greedy_medusa_equals_baseline(smol_backend, prompt):
 
 def oracle_heads(reference, prompt_len, decoder, num_heads=4):
     """Heads that propose the true continuation at rank 0: long accepted chunks, EOS inside them."""
-    def topk(hidden):
+    def topk(hidden, depth, k):
         root_index = decoder.cache_length - prompt_len  # the root is reference[root_index]
         out = torch.arange(TOPK * num_heads).view(num_heads, TOPK) + 1000
         for k in range(num_heads):

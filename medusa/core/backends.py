@@ -90,10 +90,14 @@ class BackendBase:
         return load_checkpoint(self.heads_path)
 
     def _tree(self, tree: Optional[str], heads_config: MedusaConfig) -> TreeBuffers:
-        """``tree``, else the tree the heads' config.json names (a named tree or a file beside the
-        heads), else DEFAULT_TREE; trimmed to the number of heads."""
+        """``tree``, else the tree measured for this backend beside the heads (``tree-NAME.json``,
+        step latency differs between frameworks), else the one their config.json names (a named tree
+        or a file beside the heads), else DEFAULT_TREE; trimmed to the number of heads."""
         named = heads_config.tree
-        if named and self.heads_path is not None and (self.heads_path / named).is_file():
+        own = self.heads_path / f"tree-{self.name}.json" if self.heads_path is not None else None
+        if own is not None and own.is_file():
+            named = str(own)
+        elif named and self.heads_path is not None and (self.heads_path / named).is_file():
             named = str(self.heads_path / named)
         self.tree_name = tree or named or DEFAULT_TREE
         return build_buffers(resolve_tree(self.tree_name, heads_config.medusa_num_heads))

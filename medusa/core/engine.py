@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator, Optional, Protocol
 
+from .buffers import TreeBuffers
 from .config import GenerationConfig
 
 
@@ -49,6 +50,9 @@ class Decoder(Protocol):
 
     def medusa_step(self, root: int, cfg: GenerationConfig) -> tuple[list[int], int, int]:
         """Verify a tree rooted at ``root``: (emitted ids starting with root, accepted, next root)."""
+
+    def set_tree(self, buffers: TreeBuffers) -> None:
+        """Verify with another tree from the next step on (tree search measures each candidate)."""
 
 
 def generate(decoder: Decoder, prompt_ids: list[int], cfg: GenerationConfig) -> Iterator[Step]:

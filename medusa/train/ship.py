@@ -22,9 +22,9 @@ def ship(heads_dir: Path, dest: Path) -> Path:
     config, state = load_checkpoint(heads_dir)
     extra = {k: v for k, v in json.loads((heads_dir / CONFIG_NAME).read_text()).items() if k == "training"}
     save_checkpoint(dest, config, {k: v.astype(np.float16) for k, v in state.items()}, extra=extra)
-    for name in ("tree.json", "metrics.json", TOKEN_MAP_FILE):
-        if (heads_dir / name).is_file():
-            shutil.copy(heads_dir / name, dest / name)
+    for path in [heads_dir / n for n in ("tree.json", "metrics.json", TOKEN_MAP_FILE)] + sorted(heads_dir.glob("tree-*.json")):
+        if path.is_file():
+            shutil.copy(path, dest / path.name)
     return dest
 
 

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from ..core.backends import BACKENDS, load_backend
 from ..core.checkpoint import CONFIG_NAME, atomic_write_text
 from ..core.trees import TOPK, Tree, validate
 
@@ -74,13 +75,12 @@ def backend_step_latency(backend, prompt_len: int = 256, repeats: int = 6) -> Ca
     """Wall time of one Medusa step (heads + tree forward + acceptance + KV update) for a given tree."""
     from ..core.buffers import build_buffers
     from ..core.config import GenerationConfig
-    from ..decoding import TorchTree
 
     decoder = backend.decoder
     cfg = GenerationConfig()
 
     def measure(tree: Tree) -> float:
-        decoder.tree = TorchTree.from_buffers(build_buffers(tree), backend.device)
+        decoder.set_tree(build_buffers(tree))
         root = decoder.prefill(list(range(1000, 1000 + prompt_len)), cfg)
         length = decoder.cache.length
         times = []
@@ -126,24 +126,27 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     p = argparse.ArgumentParser(description="Pick the Medusa tree maximising expected tokens/s on this machine.")
     p.add_argument("--medusa-heads", type=Path, required=True, help="heads dir with metrics.json from training")
     p.add_argument("--model", default=None, help="base model (default: the heads' base_model_name_or_path)")
+    p.add_argument("--backend", choices=list(BACKENDS), default="torch",
+                   help="whose step latency to measure; other than torch, the tree is saved as tree-BACKEND.json, "
+                        "which that backend prefers")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="auto")
     p.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS))
     p.add_argument("--plot", type=Path, default=None, help="also draw the chosen tree to this PNG")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from ..backend import TorchBackend
-
     heads_dir = args.medusa_heads
     rank_acc = json.loads((heads_dir / "metrics.json").read_text())["rank_accuracy"]
     config = json.loads((heads_dir / CONFIG_NAME).read_text())
-    backend = TorchBackend(model=args.model or config["base_model_name_or_path"], heads=str(heads_dir),
+    backend = load_backend(args.backend, model=args.model or config["base_model_name_or_path"], heads=str(heads_dir),
                            dtype=args.dtype, device=args.device)
     result = choose_tree(rank_acc, backend_step_latency(backend), args.budgets)
-    result["measured_on"] = {"dtype": args.dtype, "device": backend.device}
-    atomic_write_text(heads_dir / TREE_FILE, json.dumps(result, indent=1) + "\n")
-    config["tree"] = TREE_FILE
-    atomic_write_text(heads_dir / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
+    result["measured_on"] = {"backend": args.backend, "dtype": args.dtype, "device": backend.device}
+    tree_file = TREE_FILE if args.backend == "torch" else f"tree-{args.backend}.json"
+    atomic_write_text(heads_dir / tree_file, json.dumps(result, indent=1) + "\n")
+    if args.backend == "torch":
+        config["tree"] = TREE_FILE
+        atomic_write_text(heads_dir / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
     if args.plot:
         plot_tree(validate(result["tree"]), args.plot)
     for row in result["candidates"]:

@@ -64,6 +64,11 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
                        bf16=not args.fp32, seed=args.seed, save_every=args.save_every, max_steps=args.max_steps)
 
 
+def default_cache_dir(model_dir: Path, data: Path, max_length: int, tag: str = "") -> Path:
+    """Where the hidden states of ``data`` through ``model_dir`` are cached unless --cache-dir says otherwise."""
+    return cache_root() / "hidden" / f"{model_dir.name}-{data.stem}-{max_length}{tag}"
+
+
 def torch_backbone(args: argparse.Namespace, model_dir: Path) -> tuple[HiddenFn, str]:
     """The PyTorch backbone's hidden-state function and the cache-name tag for its dtype."""
     device = pick_device(args.device)
@@ -82,7 +87,7 @@ def prepare_data(args: argparse.Namespace, num_heads: int,
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     conversations, _ = load_conversations(args.data)
     hidden_fn, tag = backbone(args, model_dir)
-    cache_dir = args.cache_dir or cache_root() / "hidden" / f"{model_dir.name}-{args.data.stem}-{args.max_length}{tag}"
+    cache_dir = args.cache_dir or default_cache_dir(model_dir, args.data, args.max_length, tag)
     data = {}
     for split in ("train", "eval"):
         convs = [c for c in conversations if held_out(c.id, args.eval_fraction) == (split == "eval")]

@@ -17,6 +17,8 @@ import numpy as np
 
 from ..core.checkpoint import CONFIG_NAME, CheckpointError, atomic_write_text, load_checkpoint
 from ..core.token_map import TOKEN_MAP_FILE, build_token_map, coverage
+from ..core.models import DEFAULT_MODEL, resolve_model
+from .cli import default_cache_dir
 from .hidden_cache import shard_files
 
 log = logging.getLogger("medusa.train.token_map")
@@ -32,15 +34,23 @@ def cached_labels(cache_dir: Path) -> np.ndarray:
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--medusa-heads", type=Path, required=True)
-    p.add_argument("--cache-dir", type=Path, required=True, help="hidden-state cache holding train/ and eval/")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="hidden-state cache holding train/ and eval/ (default: the one `medusa.train` filled for "
+                        "--model/--data/--max-length)")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--data", type=Path, default=None, help="the training conversations (to find the default cache)")
+    p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--size", type=int, default=8192)
     args = p.parse_args(argv)
+    if args.cache_dir is None and args.data is None:
+        p.error("give --cache-dir, or --data (and --model/--max-length as in training)")
+    cache_dir = args.cache_dir or default_cache_dir(resolve_model(args.model), args.data, args.max_length)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     config, _ = load_checkpoint(args.medusa_heads)
     if not config.shared_lm_head:
         raise CheckpointError("a token map needs shared-lm_head heads")
-    result = build_token_map(cached_labels(args.cache_dir / "train"), args.size)
-    result["held_out_coverage"] = coverage(np.array(result["ids"]), cached_labels(args.cache_dir / "eval"))
+    result = build_token_map(cached_labels(cache_dir / "train"), args.size)
+    result["held_out_coverage"] = coverage(np.array(result["ids"]), cached_labels(cache_dir / "eval"))
     atomic_write_text(args.medusa_heads / TOKEN_MAP_FILE, json.dumps(result) + "\n")
     raw = json.loads((args.medusa_heads / CONFIG_NAME).read_text())
     atomic_write_text(args.medusa_heads / CONFIG_NAME, json.dumps(dict(raw, token_map=TOKEN_MAP_FILE), indent=2) + "\n")

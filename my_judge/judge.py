@@ -232,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parallel", type=int, default=4, help="concurrent judge requests")
     p.add_argument("--max-retries", type=int, default=5)
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+    p.add_argument("--max-tokens", type=int, default=2048, help="judgment length limit (FastChat's default)")
     p.add_argument("--judgment-dir", type=Path, default=Path("results/mt_bench/model_judgment"))
     return p
 
@@ -245,7 +246,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         client = JudgeClient(args.judge_model, args.judge_base_url, max_retries=args.max_retries,
-                             timeout=args.timeout)
+                             timeout=args.timeout, max_tokens=args.max_tokens)
         answers = {}
         for path in answer_files([args.answer_dir]):
             rows = load_answers(path)

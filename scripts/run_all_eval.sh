@@ -14,6 +14,7 @@
 #   JUDGE_MODEL     (default gpt-4o)   JUDGE_MODE single | pairwise-baseline | pairwise-all (default single)
 #   JUDGE_BASELINE  pairwise-baseline reference       (default: the first backend's baseline answers)
 #   JUDGE_PARALLEL  concurrent judge requests         (default 4)
+#   JUDGE_MAX_TOKENS judgment length limit            (default 2048; small for a local CPU judge)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${PY:-}" ]; then
@@ -46,7 +47,8 @@ if [ -n "${OPENAI_API_KEY:-}" ]; then
     echo "== judge: $JUDGE_MODEL ($JUDGE_MODE)"
     baseline=${JUDGE_BASELINE:-$(basename "$MODEL")-${BACKENDS%% *}-baseline}
     judge=(--answer-dir "$OUT/model_answer" --judgment-dir "$OUT/model_judgment" --mode "$JUDGE_MODE"
-           --judge-model "$JUDGE_MODEL" --parallel "${JUDGE_PARALLEL:-4}" --baseline-model "$baseline")
+           --judge-model "$JUDGE_MODEL" --parallel "${JUDGE_PARALLEL:-4}" --baseline-model "$baseline"
+           --max-tokens "${JUDGE_MAX_TOKENS:-2048}")
     if [ -n "${JUDGE_BASE_URL:-}" ]; then judge+=(--judge-base-url "$JUDGE_BASE_URL"); fi
     if ! $PY -m my_judge.judge "${judge[@]}"; then
         echo "judge: not every judgment finished (see above); rerun this script to retry the rest" >&2

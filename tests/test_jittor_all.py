@@ -204,8 +204,10 @@ def test_three_backends_give_identical_greedy_tokens(smol_backend):
         assert generate_ids(jittor.decoder, ids, cfg.with_(medusa=False))[0] == base
         out, steps = generate_ids(jittor.decoder, ids, cfg)
         assert out == base and len(steps) < len(base)  # the shipped heads do get tokens accepted
-    assert generate_ids(hybrid.decoder, ids, cfg)[0] == base
-    assert generate_ids(smol_backend.decoder, ids, cfg)[0] == base
+        assert generate_ids(hybrid.decoder, ids, cfg)[0] == base
+        assert generate_ids(smol_backend.decoder, ids, cfg)[0] == base
+    d = hybrid.describe()
+    assert d["heads_framework"] == "jittor" and d["bridge_ms_per_step"] > 0
 
 
 def test_jittor_hidden_states_fill_the_same_cache_as_torch(tiny_dir, tmp_path):

@@ -42,7 +42,7 @@ def medusa_loss(logits: jt.Var, targets: jt.Var, decay: float) -> tuple[jt.Var, 
     per_head = []
     for k in range(logits.shape[0]):
         tgt = targets[:, k]
-        valid = (tgt != IGNORE_INDEX).float32()
+        valid = (tgt >= 0).float32()  # IGNORE_INDEX and OUTSIDE (off the token map) carry no loss
         peak = logits[k].max(dim=-1, keepdims=True)
         lse = (logits[k] - peak).exp().sum(-1).log() + peak.squeeze(-1)  # [B], stable log-sum-exp
         picked = logits[k].gather(1, tgt.maximum(0).unsqueeze(1)).squeeze(1)
@@ -124,8 +124,7 @@ def _schedule(step: int, warmup: int, total: int) -> float:
 
 
 def _save(out_dir: Path, heads: MedusaHeads, cfg: TrainConfig, step: int, base_model: str) -> None:
-    config = MedusaConfig(cfg.num_heads, cfg.num_layers, base_model, cfg.shared_lm_head)
-    save_checkpoint(out_dir, config, heads.numpy_state(), extra={"training": dict(vars(cfg), framework="jittor")})
+    save_checkpoint(out_dir, cfg.medusa_config(base_model), heads.numpy_state(), extra={"training": dict(vars(cfg), framework="jittor")})
     atomic_write_text(out_dir / STEP_FILE, json.dumps({"step": step}) + "\n")
 
 
@@ -147,14 +146,15 @@ def main(argv: Optional[Sequence[str]] = None, backbone: Optional[Backbone] = No
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = train_config(args)
-    model_dir, data = prepare_data(args, cfg.num_heads, backbone or torch_backbone)
+    model_dir, data, vocab_ids = prepare_data(args, cfg, backbone or torch_backbone)
     margs = load_args(model_dir)
     lm_head = read_lm_head(model_dir)
     heads = MedusaHeads(MedusaConfig(cfg.num_heads, cfg.num_layers, shared_lm_head=cfg.shared_lm_head),
                         margs.hidden_size, margs.vocab_size)
     heads.init_lm_heads(lm_head)
     args.out.mkdir(parents=True, exist_ok=True)
-    metrics = train(heads, lm_head, data["train"], data["eval"], cfg, args.out, args.model)
+    rows = lm_head if vocab_ids is None else lm_head[vocab_ids]  # training over the token map: its rows only
+    metrics = train(heads, rows, data["train"], data["eval"], cfg, args.out, args.model)
     log.info("held-out top-1 per head: %s", [round(a, 3) for a in metrics["top1"]])
     log.info("training throughput: %.0f tokens/s", metrics["train_tokens_per_second"])
     return metrics

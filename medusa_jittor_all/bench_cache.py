@@ -30,12 +30,11 @@ def write_cost_us(max_len: int, fill: float, steps: int) -> float:
     cache = KVCache(SMOLLM2, max_len)
     cache.length = int(fill * (max_len - steps - 1))
     k = jt.array(np.ones((1, SMOLLM2.num_kv_heads, 1, SMOLLM2.head_dim), np.float32))
-    width = cache.window(1)
     for warm in (True, False):
         start = time.perf_counter()
         for _ in range(steps):
             for layer in range(SMOLLM2.num_layers):
-                cache.write(layer, k, k, width)
+                cache.write(layer, k, k)
             jt.sync(cache.k + cache.v)
             cache.commit(1)
         elapsed = time.perf_counter() - start

@@ -8,7 +8,8 @@ Same modules and parameter names (fused ``wqkv`` / ``w13``), same HF->ours weigh
   So the KV cache is one fixed buffer per layer, attention always reads a window of it whose width
   moves in ``WINDOW``-token buckets, and the mask is an *additive* [T, W] float array that hides
   everything past the live entries.  Steady-state steps then run already-compiled kernels.
-- **Attention is ours**: Jittor's ``scaled_dot_product_attention`` crashes on boolean masks.
+- **Attention is ours** (``attention.py``): Jittor's ``scaled_dot_product_attention`` crashes on
+  boolean masks, and on the CPU a hand-written kernel reading the cache in place beats the op graph.
 
 Weights are read as numpy (``medusa.core.weights``): safetensors need no PyTorch at all; only
 ``.bin`` shards and the one-time GGUF conversion of the embedded model use it.
@@ -22,6 +23,8 @@ from medusa.core.config import LlamaArgs, rope_inv_freq
 from medusa.core.models import ModelError, load_args
 from medusa.core.weights import our_state, read_hf_numpy
 from medusa_jittor.runtime import jt
+
+from .attention import attend
 
 nn = jt.nn
 WINDOW = 32  # attention reads the cache in buckets of this many positions (sizes never trigger compiles)
@@ -48,12 +51,12 @@ class KVCache:
         """Width W of the attention window for a step writing ``pending`` entries (a WINDOW multiple)."""
         return min(self.max_len, -(-(self.length + pending) // WINDOW) * WINDOW)
 
-    def write(self, layer: int, k: jt.Var, v: jt.Var, width: int) -> tuple[jt.Var, jt.Var]:
-        """Store pending k, v [B, kv_heads, T, hd] in place; return the first ``width`` entries."""
+    def write(self, layer: int, k: jt.Var, v: jt.Var) -> tuple[jt.Var, jt.Var]:
+        """Store pending k, v [B, kv_heads, T, hd] in place; return the layer's whole buffers."""
         end = self.length + k.shape[2]
         self.k[layer][:, :, self.length:end] = k
         self.v[layer][:, :, self.length:end] = v
-        return self.k[layer][:, :, :width], self.v[layer][:, :, :width]
+        return self.k[layer], self.v[layer]
 
     def commit(self, n: int) -> None:
         self.length += n
@@ -117,14 +120,8 @@ class Attention(nn.Module):
         q = apply_rope(qkv[..., :hq].reshape(b, t, self.n_heads, self.head_dim).transpose(0, 2, 1, 3), cos, sin)
         k = apply_rope(qkv[..., hq:hq + hkv].reshape(b, t, self.n_kv, self.head_dim).transpose(0, 2, 1, 3), cos, sin)
         v = qkv[..., hq + hkv:].reshape(b, t, self.n_kv, self.head_dim).transpose(0, 2, 1, 3)
-        keys, values = cache.write(layer, k, v, mask.shape[-1])  # [B, kv, W, hd]
-        group = self.n_heads // self.n_kv  # GQA: query heads kv*group .. kv*group+group-1 share kv head kv
-        q = q.reshape(b, self.n_kv, group * t, self.head_dim)
-        scores = jt.matmul(q, keys.transpose(0, 1, 3, 2)) * (self.head_dim ** -0.5)  # [B, kv, group*T, W]
-        scores = scores.reshape(b, self.n_kv, group, t, -1) + mask
-        probs = nn.softmax(scores.float32(), dim=-1).cast(x.dtype).reshape(b, self.n_kv, group * t, -1)
-        y = jt.matmul(probs, values).reshape(b, self.n_heads, t, self.head_dim)
-        return self.wo(y.transpose(0, 2, 1, 3).reshape(b, t, hq))
+        keys, values = cache.write(layer, k, v)  # whole buffers [B, kv, L, hd]; the mask picks the window
+        return self.wo(attend(q, keys, values, mask))
 
 
 class FeedForward(nn.Module):

@@ -55,6 +55,21 @@ def test_jittor_logits_match_hf(tmp_path, variant):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("heads,kv,t", [(9, 3, 1), (9, 3, 7), (4, 4, 5), (8, 2, 33)])
+def test_attention_kernel_equals_the_op_graph(heads, kv, t):
+    from medusa_jittor_all.attention import attend, attend_ops
+
+    rng = np.random.default_rng(t)
+    length, width, cap = 40, 96, 128  # committed entries, window, cache capacity
+    q = jt.array(rng.standard_normal((1, heads, t, 16)).astype(np.float32))
+    keys, values = (jt.array(rng.standard_normal((1, kv, cap, 16)).astype(np.float32)) for _ in range(2))
+    block = (rng.random((t, t)) < 0.5) | np.eye(t, dtype=bool)  # any block; every query sees itself
+    mask = additive_mask(length, block, width)
+    got, want = attend(q, keys, values, mask).numpy(), attend_ops(q, keys, values, mask).numpy()
+    assert got.shape == (1, t, heads * 16)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_decode_across_window_buckets_matches_full_forward(tiny_dir):
     model = jtl.load_llama(tiny_dir)
     ids = [(7 * i) % 251 for i in range(140)]  # crosses window buckets (WINDOW = 32)

@@ -11,7 +11,7 @@ from medusa.core.config import MedusaConfig
 from medusa.core.trees import TOPK, chain, validate
 from medusa.heads import MedusaHeads, heads_from_state
 from medusa.train.dataset import IGNORE_INDEX, tokenize_conversation
-from medusa.train.trainer import TokenData, TrainConfig, head_targets, medusa_loss, train
+from medusa.train.trainer import OUTSIDE, TokenData, TrainConfig, head_targets, medusa_loss, remap_targets, train
 from medusa.train.tree_search import choose_tree, expected_accept_length, greedy_tree
 
 X = IGNORE_INDEX
@@ -77,6 +77,31 @@ def test_tiny_training_run_learns(tmp_path):
     assert resumed["top1"][0] == pytest.approx(metrics["top1"][0])
 
 
+def test_remap_targets_to_token_map_rows():
+    vocab = np.array([3, 5, 9])
+    targets = np.array([[5, X], [4, 9], [3, 10]])
+    assert remap_targets(targets, vocab).tolist() == [[1, X], [OUTSIDE, 2], [0, OUTSIDE]]
+    logits = torch.zeros(1, 2, 3)
+    loss, per_head = medusa_loss(logits, torch.tensor([[OUTSIDE], [X]]), 0.8)  # no target on the map: no loss
+    assert loss.item() == 0.0 and per_head == [0.0]
+
+
+def test_training_over_a_token_map_learns_and_counts_unmapped_targets_as_misses(tmp_path):
+    cache = synthetic_cache(tmp_path / "cache")
+    vocab = np.arange(0, 64, 2)  # half of the vocabulary
+    labels = np.load(cache / "shard-00000.npz")["labels"][2:]
+    inside = np.isin(labels, vocab).mean()
+    data = TokenData(cache, num_heads=1, vocab_ids=vocab)
+    heads = MedusaHeads(MedusaConfig(1, 1, shared_lm_head=True), 32, 64)
+    rows = nn.Linear(32, len(vocab), bias=False)
+    cfg = TrainConfig(num_heads=1, num_layers=1, epochs=8, batch_tokens=256, lr=1e-2, bf16=False, save_every=1000,
+                      token_map_size=len(vocab))
+    metrics = train(heads, rows, data, data, cfg, tmp_path / "out", "tiny")
+    assert 0.8 * inside < metrics["top1"][0] <= inside + 1e-9  # learns the mapped targets, never the others
+    assert metrics["tokens"] == len(labels)
+    assert load_checkpoint(tmp_path / "out")[0].token_map == "token_map.json"
+
+
 SYNTH_ACC = [[0.5, 0.15, 0.08] + [0.02] * 7, [0.3, 0.1, 0.05] + [0.02] * 7, [0.2, 0.08] + [0.02] * 8]
 
 
@@ -138,3 +163,16 @@ def test_max_steps_shortens_the_run():
 
     assert TrainConfig(batch_tokens=100, epochs=2).total_steps(950) == (10, 20)
     assert TrainConfig(batch_tokens=100, epochs=2, max_steps=7).total_steps(950) == (10, 7)
+
+
+def test_hidden_cache_grows_without_overwriting_its_last_shard(tmp_path):
+    from medusa.train.dataset import Example
+    from medusa.train.hidden_cache import build_cache, shard_files
+
+    examples = [Example(ids=[i, i + 1], labels=[i, i + 1]) for i in range(7)]
+    fn = lambda ids: np.array(ids, np.float32)[:, None].repeat(4, 1)  # noqa: E731 - hidden = token id
+    build_cache(fn, 4, examples[:5], tmp_path, shard_size=3)  # shards of 3 + 2 examples
+    build_cache(fn, 4, examples, tmp_path, shard_size=3)  # data grew by 2: a new shard, the old ones kept
+    shards = [np.load(f) for f in shard_files(tmp_path)]
+    assert [len(s["offsets"]) - 1 for s in shards] == [3, 2, 2]
+    assert np.concatenate([s["hidden"][:, 0] for s in shards]).tolist() == [i + d for i in range(7) for d in (0, 1)]

@@ -14,17 +14,20 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+import numpy as np
 import torch
 
 from ..backend import pick_device, torch_dtype
 from ..core.config import MedusaConfig
-from ..core.models import DEFAULT_MODEL, cache_root, load_args, resolve_model
+from ..core.models import DEFAULT_MODEL, load_args, resolve_model
 from ..core.checkpoint import atomic_write_text, load_checkpoint
+from ..core.token_map import TOKEN_MAP_FILE, load_token_map
 from ..heads import MedusaHeads, heads_from_state
 from ..llama import load_llama
 from .data import load_conversations
 from .dataset import tokenize_conversation
-from .hidden_cache import HiddenFn, build_cache, torch_hidden_fn
+from .hidden_cache import HiddenFn, build_cache, default_cache_dir, torch_hidden_fn
+from .token_map import write_token_map
 from .trainer import HeadsWithBase, TokenData, TrainConfig, evaluate, train
 
 log = logging.getLogger("medusa.train")
@@ -45,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="original Medusa-1 heads with their own vocabulary projection (default: shared lm_head)")
     defaults = TrainConfig()
     for name in ("num_heads", "num_layers", "decay", "lr", "weight_decay", "warmup_ratio", "epochs", "batch_tokens",
-                 "grad_accum", "seed", "save_every", "max_steps"):
+                 "grad_accum", "seed", "save_every", "max_steps", "token_map_size"):
         p.add_argument("--" + name.replace("_", "-"), type=type(getattr(defaults, name)), default=getattr(defaults, name))
     p.add_argument("--fp32", action="store_true", help="train in fp32 instead of bf16 autocast")
     p.add_argument("--eval-only", action="store_true",
@@ -61,12 +64,8 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(num_heads=args.num_heads, num_layers=args.num_layers, shared_lm_head=not args.per_head_lm_head,
                        decay=args.decay, lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
                        epochs=args.epochs, batch_tokens=args.batch_tokens, grad_accum=args.grad_accum,
-                       bf16=not args.fp32, seed=args.seed, save_every=args.save_every, max_steps=args.max_steps)
-
-
-def default_cache_dir(model_dir: Path, data: Path, max_length: int, tag: str = "") -> Path:
-    """Where the hidden states of ``data`` through ``model_dir`` are cached unless --cache-dir says otherwise."""
-    return cache_root() / "hidden" / f"{model_dir.name}-{data.stem}-{max_length}{tag}"
+                       bf16=not args.fp32, seed=args.seed, save_every=args.save_every, max_steps=args.max_steps,
+                       token_map_size=args.token_map_size)
 
 
 def torch_backbone(args: argparse.Namespace, model_dir: Path) -> tuple[HiddenFn, str]:
@@ -76,10 +75,11 @@ def torch_backbone(args: argparse.Namespace, model_dir: Path) -> tuple[HiddenFn,
     return torch_hidden_fn(backbone), ""
 
 
-def prepare_data(args: argparse.Namespace, num_heads: int,
+def prepare_data(args: argparse.Namespace, cfg: TrainConfig,
                  backbone: Callable[[argparse.Namespace, Path], tuple[HiddenFn, str]] = torch_backbone,
-                 ) -> tuple[Path, dict[str, TokenData]]:
-    """Tokenise, split and cache hidden states of ``backbone``; returns (model dir, {train, eval})."""
+                 ) -> tuple[Path, dict[str, TokenData], Optional[np.ndarray]]:
+    """Tokenise, split and cache hidden states of ``backbone``; returns (model dir, {train, eval},
+    the token map the heads train over or None)."""
     from accelerate import PartialState
     from transformers import AutoTokenizer
 
@@ -88,28 +88,49 @@ def prepare_data(args: argparse.Namespace, num_heads: int,
     conversations, _ = load_conversations(args.data)
     hidden_fn, tag = backbone(args, model_dir)
     cache_dir = args.cache_dir or default_cache_dir(model_dir, args.data, args.max_length, tag)
-    data = {}
+    counts = {}
     for split in ("train", "eval"):
         convs = [c for c in conversations if held_out(c.id, args.eval_fraction) == (split == "eval")]
         examples = [tokenize_conversation(tokenizer, c.messages, args.max_length, args.conv_template) for c in convs]
         with PartialState().main_process_first():  # one process fills the cache, the others then find it full
             build_cache(hidden_fn, load_args(model_dir).hidden_size, examples, cache_dir / split)
-        data[split] = TokenData(cache_dir / split, num_heads)
-        log.info("%s: %d conversations, %d trainable positions", split, len(convs), len(data[split]))
-    return model_dir, data
+        counts[split] = len(convs)
+    vocab_ids = training_token_map(args.out, cache_dir, cfg) if cfg.token_map_size else None
+    data = {split: TokenData(cache_dir / split, cfg.num_heads, vocab_ids) for split in counts}
+    for split, n in counts.items():
+        log.info("%s: %d conversations, %d trainable positions", split, n, len(data[split]))
+    return model_dir, data, vocab_ids
+
+
+def training_token_map(out: Path, cache_dir: Path, cfg: TrainConfig) -> np.ndarray:
+    """The proposal vocabulary the heads in ``out`` train over: the one a resumed run started with,
+    else the ``cfg.token_map_size`` most frequent training targets (written beside the heads)."""
+    if not cfg.shared_lm_head:
+        raise ValueError("--token-map-size needs shared-lm_head heads (drop --per-head-lm-head)")
+    out.mkdir(parents=True, exist_ok=True)
+    file = out / TOKEN_MAP_FILE
+    ids = json.loads(file.read_text())["ids"] if file.is_file() else write_token_map(out, cache_dir, cfg.token_map_size)["ids"]
+    if len(ids) != cfg.token_map_size:
+        raise ValueError(f"{file} has {len(ids)} ids but --token-map-size is {cfg.token_map_size}: "
+                         "use a new --out or the same size")
+    return np.asarray(ids, dtype=np.int64)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = train_config(args)
-    model_dir, data = prepare_data(args, cfg.num_heads)
-    args.out.mkdir(parents=True, exist_ok=True)
-    heads, lm_head = _heads(model_dir, cfg)
-    if args.eval_only:
+    if args.eval_only:  # the heads in --out say what they are
         config, state = load_checkpoint(args.out)
+        vocab = load_token_map(args.out, config)
+        cfg = replace(cfg, num_heads=config.medusa_num_heads, num_layers=config.medusa_num_layers,
+                      shared_lm_head=config.shared_lm_head, token_map_size=0 if vocab is None else len(vocab))
+    model_dir, data, vocab_ids = prepare_data(args, cfg)
+    args.out.mkdir(parents=True, exist_ok=True)
+    heads, lm_head = _heads(model_dir, cfg, vocab_ids)
+    if args.eval_only:
         heads = heads_from_state(config, state, lm_head.in_features, lm_head.out_features, torch.float32, "cpu")
-        metrics = evaluate(HeadsWithBase(heads, lm_head), data["eval"], replace(cfg, num_heads=config.medusa_num_heads))
+        metrics = evaluate(HeadsWithBase(heads, lm_head), data["eval"], cfg)
         atomic_write_text(args.out / "metrics.json", json.dumps(metrics, indent=1) + "\n")
     else:
         metrics = train(heads, lm_head, data["train"], data["eval"], cfg, args.out, args.model)
@@ -118,13 +139,17 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     return metrics
 
 
-def _heads(model_dir: Path, cfg: TrainConfig) -> tuple[MedusaHeads, torch.nn.Linear]:
-    """Fresh heads and the base model's dense (trainable-graph) lm_head in fp32."""
+def _heads(model_dir: Path, cfg: TrainConfig, vocab_ids: Optional[np.ndarray]) -> tuple[MedusaHeads, torch.nn.Linear]:
+    """Fresh heads and the base model's dense lm_head in fp32 (only the token map's rows if given)."""
     args = load_args(model_dir)
     base = load_llama(model_dir, torch.float32, "cpu")
     heads = MedusaHeads(MedusaConfig(cfg.num_heads, cfg.num_layers, shared_lm_head=cfg.shared_lm_head),
                         args.hidden_size, args.vocab_size)
     heads.init_lm_heads(base.output.weight.detach())
-    return heads, base.output
+    if vocab_ids is None:
+        return heads, base.output
+    rows = torch.nn.Linear(args.hidden_size, len(vocab_ids), bias=False)
+    rows.weight.data.copy_(base.output.weight.detach()[torch.from_numpy(vocab_ids)])
+    return heads, rows
 
 

@@ -3,7 +3,9 @@
 On a CPU the backbone forward dominates training time; with the backbone frozen its final hidden
 states never change, so they are computed once.  Shards (``shard-NNNNN.npz``: ``hidden`` fp16
 [tokens, h], ``ids`` and ``labels`` int32 [tokens], ``offsets`` [examples + 1]) are written
-atomically, one per ``shard_size`` examples, and a rerun skips the examples already cached.
+atomically, one per ``shard_size`` examples, and a rerun skips the examples already cached and
+numbers its shards after the existing ones, so data that grew since (appended conversations) only
+adds shards.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from ..core.checkpoint import atomic_write_text
+from ..core.models import cache_root
 from ..llama import KVCache, Transformer
 from .dataset import Example
 
@@ -46,12 +49,13 @@ def build_cache(hidden_fn: HiddenFn, hidden_size: int, examples: Sequence[Exampl
     ``hidden_fn`` maps token ids to the frozen backbone's final hidden states [T, h] (any framework).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    done = sum(len(np.load(f)["offsets"]) - 1 for f in shard_files(out_dir))
+    existing = shard_files(out_dir)
+    done = sum(len(np.load(f)["offsets"]) - 1 for f in existing)
     todo = range(done, len(examples))
     with tqdm(total=len(examples), initial=done, desc="hidden cache", unit="ex") as bar:
-        for start in range(done, len(examples), shard_size):
+        for number, start in enumerate(todo[::shard_size], start=len(existing)):
             chunk = examples[start:start + shard_size]
-            _write_shard(out_dir / f"shard-{start // shard_size:05d}.npz", hidden_fn, chunk, bar)
+            _write_shard(out_dir / f"shard-{number:05d}.npz", hidden_fn, chunk, bar)
     if todo:
         atomic_write_text(out_dir / "meta.json", json.dumps({"examples": len(examples),
                                                              "hidden_size": hidden_size}) + "\n")
@@ -73,3 +77,16 @@ def _write_shard(path: Path, hidden_fn: HiddenFn, chunk: Sequence[Example], bar:
 
 def shard_files(cache_dir: Path) -> list[Path]:
     return sorted(cache_dir.glob("shard-*.npz"))
+
+
+def default_cache_dir(model_dir: Path, data: Path, max_length: int, tag: str = "") -> Path:
+    """Where the hidden states of ``data`` through ``model_dir`` are cached unless --cache-dir says otherwise."""
+    return cache_root() / "hidden" / f"{model_dir.name}-{data.stem}-{max_length}{tag}"
+
+
+def cached_labels(cache_dir: Path) -> np.ndarray:
+    """All labels of a cache split (IGNORE_INDEX where untrained)."""
+    files = shard_files(cache_dir)
+    if not files:
+        raise FileNotFoundError(f"no hidden-state shards in {cache_dir}")
+    return np.concatenate([np.load(f)["labels"] for f in files])

@@ -3,7 +3,8 @@
 Counts the assistant tokens of the training split's hidden-state cache, keeps the ``--size`` most
 frequent as ``token_map.json`` beside the heads (named in their ``config.json``) and reports how
 much of the held-out split it covers.  Every backend then projects head states onto those rows
-only (see ``medusa.core.token_map``).
+only (see ``medusa.core.token_map``).  This is for heads trained over the full vocabulary;
+``medusa.train --token-map-size`` builds the same map before training and trains over it.
 """
 from __future__ import annotations
 
@@ -18,17 +19,19 @@ import numpy as np
 from ..core.checkpoint import CONFIG_NAME, CheckpointError, atomic_write_text, load_checkpoint
 from ..core.token_map import TOKEN_MAP_FILE, build_token_map, coverage
 from ..core.models import DEFAULT_MODEL, resolve_model
-from .cli import default_cache_dir
-from .hidden_cache import shard_files
+from .hidden_cache import cached_labels, default_cache_dir
 
 log = logging.getLogger("medusa.train.token_map")
 
 
-def cached_labels(cache_dir: Path) -> np.ndarray:
-    files = shard_files(cache_dir)
-    if not files:
-        raise FileNotFoundError(f"no hidden-state shards in {cache_dir}")
-    return np.concatenate([np.load(f)["labels"] for f in files])
+def write_token_map(heads_dir: Path, cache_dir: Path, size: int) -> dict:
+    """Build the map from ``cache_dir``'s train split, measure it on its eval split, write it beside the heads."""
+    result = build_token_map(cached_labels(cache_dir / "train"), size)
+    result["held_out_coverage"] = coverage(np.array(result["ids"]), cached_labels(cache_dir / "eval"))
+    atomic_write_text(heads_dir / TOKEN_MAP_FILE, json.dumps(result) + "\n")
+    log.info("%d ids cover %.4f of training targets, %.4f held out", len(result["ids"]), result["coverage"],
+             result["held_out_coverage"])
+    return result
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
@@ -49,13 +52,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     config, _ = load_checkpoint(args.medusa_heads)
     if not config.shared_lm_head:
         raise CheckpointError("a token map needs shared-lm_head heads")
-    result = build_token_map(cached_labels(cache_dir / "train"), args.size)
-    result["held_out_coverage"] = coverage(np.array(result["ids"]), cached_labels(cache_dir / "eval"))
-    atomic_write_text(args.medusa_heads / TOKEN_MAP_FILE, json.dumps(result) + "\n")
+    result = write_token_map(args.medusa_heads, cache_dir, args.size)
     raw = json.loads((args.medusa_heads / CONFIG_NAME).read_text())
     atomic_write_text(args.medusa_heads / CONFIG_NAME, json.dumps(dict(raw, token_map=TOKEN_MAP_FILE), indent=2) + "\n")
-    log.info("%d ids cover %.4f of training targets, %.4f held out", len(result["ids"]), result["coverage"],
-             result["held_out_coverage"])
     return result
 
 

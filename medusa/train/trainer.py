@@ -7,6 +7,11 @@ sequences need not stay together) and runs AdamW with linear warm-up and cosine 
 ``accelerate`` wraps model, optimiser and data, so ``accelerate launch`` spreads the same code over
 GPUs or nodes.  Every ``save_every`` steps the heads (original Medusa format) and the optimiser
 state are written atomically; a rerun with the same output directory resumes from them.
+
+Shared-lm_head heads may train over a proposal vocabulary (``token_map``, see ``core.token_map``):
+the frozen lm_head keeps only the mapped rows, so the softmax the heads learn is the one they
+propose from at inference, and the vocabulary projection (nearly all of the cost) shrinks ~6x for
+SmolLM2.  Targets outside the map (``OUTSIDE``) carry no loss but count as misses in the accuracy.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ from tqdm import tqdm
 
 from ..core.checkpoint import atomic_write_text, save_checkpoint
 from ..core.config import MedusaConfig
+from ..core.token_map import TOKEN_MAP_FILE
 from ..core.trees import TOPK
 from ..heads import MedusaHeads
 from .dataset import IGNORE_INDEX
@@ -34,6 +40,7 @@ from .hidden_cache import shard_files
 
 log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.pt"
+OUTSIDE = -1  # target outside the token map: no loss, always a miss
 
 
 @dataclass
@@ -52,12 +59,18 @@ class TrainConfig:
     seed: int = 0
     save_every: int = 200
     max_steps: int = 0  # > 0: stop there (smoke runs, throughput checks); the schedule spans the shortened run
+    token_map_size: int = 0  # > 0: train over that many most frequent target ids (shared lm_head only)
 
     def total_steps(self, positions: int) -> tuple[int, int]:
         """(steps per epoch, total steps) for ``positions`` training positions."""
         per_epoch = math.ceil(positions / self.batch_tokens)
         total = per_epoch * self.epochs
         return per_epoch, min(total, self.max_steps) if self.max_steps > 0 else total
+
+    def medusa_config(self, base_model: str) -> MedusaConfig:
+        """The ``config.json`` of heads trained with this configuration."""
+        return MedusaConfig(self.num_heads, self.num_layers, base_model, self.shared_lm_head,
+                            token_map=TOKEN_MAP_FILE if self.token_map_size else None)
 
 
 def head_targets(labels: np.ndarray, offsets: np.ndarray, num_heads: int) -> np.ndarray:
@@ -73,14 +86,23 @@ def head_targets(labels: np.ndarray, offsets: np.ndarray, num_heads: int) -> np.
     return out
 
 
+def remap_targets(targets: np.ndarray, vocab_ids: np.ndarray) -> np.ndarray:
+    """Vocabulary targets -> row indices of the token map ``vocab_ids`` (sorted); OUTSIDE where unmapped."""
+    valid = targets != IGNORE_INDEX
+    row = np.clip(np.searchsorted(vocab_ids, targets), 0, len(vocab_ids) - 1)
+    inside = valid & (vocab_ids[row] == targets)
+    return np.where(inside, row, np.where(valid, OUTSIDE, IGNORE_INDEX))
+
+
 def medusa_loss(logits: Tensor, targets: Tensor, decay: float) -> tuple[Tensor, list[float]]:
     """logits [H, B, V], targets [B, H] -> (Σ λ^k · mean CE_k, per-head losses); a head with no
-    valid target contributes 0, never NaN."""
+    valid target contributes 0, never NaN.  OUTSIDE targets carry no loss."""
     total = logits.new_zeros(())
     per_head = []
     for k in range(logits.shape[0]):
-        valid = int((targets[:, k] != IGNORE_INDEX).sum())
-        ce = F.cross_entropy(logits[k].float(), targets[:, k], ignore_index=IGNORE_INDEX, reduction="sum")
+        target = targets[:, k].masked_fill(targets[:, k] < 0, IGNORE_INDEX)
+        valid = int((target != IGNORE_INDEX).sum())
+        ce = F.cross_entropy(logits[k].float(), target, ignore_index=IGNORE_INDEX, reduction="sum")
         loss_k = ce / max(valid, 1)
         total = total + decay ** k * loss_k
         per_head.append(loss_k.item())
@@ -88,7 +110,8 @@ def medusa_loss(logits: Tensor, targets: Tensor, decay: float) -> tuple[Tensor, 
 
 
 def rank_hits(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-    """Per head: how often the target is at rank r of the head's top-TOPK ([H, TOPK]), and valid counts [H]."""
+    """Per head: how often the target is at rank r of the head's top-TOPK ([H, TOPK]), and valid counts [H]
+    (OUTSIDE targets count: they are misses)."""
     top = logits.topk(TOPK, dim=-1).indices  # [H, B, TOPK]
     tgt = targets.t()[..., None]  # [H, B, 1]
     hits = (top == tgt).sum(dim=1)  # [H, TOPK]
@@ -96,13 +119,16 @@ def rank_hits(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class TokenData:
-    """Cached hidden states and per-head targets of every position that trains at least one head."""
+    """Cached hidden states and per-head targets of every position that trains at least one head;
+    with ``vocab_ids`` (a token map) targets are rows of the map."""
 
-    def __init__(self, cache_dir: Path, num_heads: int) -> None:
+    def __init__(self, cache_dir: Path, num_heads: int, vocab_ids: Optional[np.ndarray] = None) -> None:
         hidden, targets = [], []
         for f in shard_files(cache_dir):
             shard = np.load(f)
             tgt = head_targets(shard["labels"], shard["offsets"], num_heads)
+            if vocab_ids is not None:
+                tgt = remap_targets(tgt, vocab_ids)
             keep = (tgt != IGNORE_INDEX).any(axis=1)
             hidden.append(shard["hidden"][keep])
             targets.append(tgt[keep])
@@ -210,7 +236,7 @@ def _save(out_dir: Path, accelerator, model, optimizer, scheduler, step: int, cf
     if not accelerator.is_main_process:
         return
     heads = accelerator.unwrap_model(model).heads
-    config = MedusaConfig(cfg.num_heads, cfg.num_layers, base_model, cfg.shared_lm_head)
+    config = cfg.medusa_config(base_model)
     save_checkpoint(out_dir, config, heads.numpy_state(), extra={"training": asdict(cfg)})
     tmp = out_dir / (STATE_FILE + ".tmp")
     torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp)

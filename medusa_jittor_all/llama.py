@@ -8,8 +8,9 @@ Same modules and parameter names (fused ``wqkv`` / ``w13``), same HF->ours weigh
   So the KV cache is one fixed buffer per layer, attention always reads a window of it whose width
   moves in ``WINDOW``-token buckets, and the mask is an *additive* [T, W] float array that hides
   everything past the live entries.  Steady-state steps then run already-compiled kernels.
-- **Attention is ours** (``attention.py``): Jittor's ``scaled_dot_product_attention`` crashes on
-  boolean masks, and on the CPU a hand-written kernel reading the cache in place beats the op graph.
+- **Attention is ours**: Jittor's ``scaled_dot_product_attention`` crashes on boolean masks.  On
+  the CPU attention, RoPE + head split and RMSNorm are one hand-written kernel each
+  (``kernels.py``): per-kernel cost, not arithmetic, dominated the op-graph version.
 
 Weights are read as numpy (``medusa.core.weights``): safetensors need no PyTorch at all; only
 ``.bin`` shards and the one-time GGUF conversion of the embedded model use it.
@@ -24,7 +25,7 @@ from medusa.core.models import ModelError, load_args
 from medusa.core.weights import our_state, read_hf_numpy
 from medusa_jittor.runtime import jt
 
-from .attention import attend
+from .kernels import attend, rms_norm, split_heads
 
 nn = jt.nn
 WINDOW = 32  # attention reads the cache in buckets of this many positions (sizes never trigger compiles)
@@ -89,20 +90,7 @@ class RMSNorm(nn.Module):
         self.weight = jt.ones(dim)
 
     def execute(self, x: jt.Var) -> jt.Var:
-        # statistics in fp32 whatever the model dtype, as in the reference implementation
-        x32 = x.float32()
-        x32 = x32 * jt.rsqrt((x32 * x32).mean(-1, keepdims=True) + self.eps)
-        return self.weight * x32.cast(x.dtype)
-
-
-def rotate_half(x: jt.Var) -> jt.Var:
-    half = x.shape[-1] // 2
-    return jt.concat([-x[..., half:], x[..., :half]], dim=-1)
-
-
-def apply_rope(x: jt.Var, cos: jt.Var, sin: jt.Var) -> jt.Var:
-    """RoPE [arxiv 2104.09864], half-split layout as in HF checkpoints. x: [B, H, T, hd], cos/sin: [T, hd]."""
-    return x * cos + rotate_half(x) * sin
+        return rms_norm(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -114,12 +102,7 @@ class Attention(nn.Module):
 
     def execute(self, x: jt.Var, cos: jt.Var, sin: jt.Var, mask: jt.Var, cache: KVCache, layer: int) -> jt.Var:
         """x: [B, T, h]; mask: [T, W] additive (0 = attend, NEG_INF = hidden) over the cache window."""
-        b, t = x.shape[:2]
-        hq, hkv = self.n_heads * self.head_dim, self.n_kv * self.head_dim
-        qkv = self.wqkv(x)
-        q = apply_rope(qkv[..., :hq].reshape(b, t, self.n_heads, self.head_dim).transpose(0, 2, 1, 3), cos, sin)
-        k = apply_rope(qkv[..., hq:hq + hkv].reshape(b, t, self.n_kv, self.head_dim).transpose(0, 2, 1, 3), cos, sin)
-        v = qkv[..., hq + hkv:].reshape(b, t, self.n_kv, self.head_dim).transpose(0, 2, 1, 3)
+        q, k, v = split_heads(self.wqkv(x), cos, sin, self.n_heads, self.n_kv)  # rotated, [B, heads, T, hd]
         keys, values = cache.write(layer, k, v)  # whole buffers [B, kv, L, hd]; the mask picks the window
         return self.wo(attend(q, keys, values, mask))
 

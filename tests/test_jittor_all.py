@@ -57,7 +57,7 @@ def test_jittor_logits_match_hf(tmp_path, variant):
 
 @pytest.mark.parametrize("heads,kv,t", [(9, 3, 1), (9, 3, 7), (4, 4, 5), (8, 2, 33)])
 def test_attention_kernel_equals_the_op_graph(heads, kv, t):
-    from medusa_jittor_all.attention import attend, attend_ops
+    from medusa_jittor_all.kernels import attend, attend_ops
 
     rng = np.random.default_rng(t)
     length, width, cap = 40, 96, 128  # committed entries, window, cache capacity
@@ -68,6 +68,21 @@ def test_attention_kernel_equals_the_op_graph(heads, kv, t):
     got, want = attend(q, keys, values, mask).numpy(), attend_ops(q, keys, values, mask).numpy()
     assert got.shape == (1, t, heads * 16)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("heads,kv,t", [(9, 3, 1), (4, 4, 6), (8, 2, 33)])
+def test_rope_split_and_rms_norm_kernels_equal_the_op_graph(heads, kv, t):
+    from medusa_jittor_all.kernels import rms_norm, rms_norm_ops, split_heads, split_heads_ops
+
+    rng = np.random.default_rng(t)
+    qkv = jt.array(rng.standard_normal((2, t, (heads + 2 * kv) * 16)).astype(np.float32))
+    angles = rng.random((t, 8)) * 6
+    cos, sin = (jt.array(np.concatenate([f(angles)] * 2, -1).astype(np.float32)) for f in (np.cos, np.sin))
+    for got, want in zip(split_heads(qkv, cos, sin, heads, kv), split_heads_ops(qkv, cos, sin, heads, kv)):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-6, atol=1e-6)
+    x, w = jt.array(rng.standard_normal((2, t, 48)).astype(np.float32)), jt.array(rng.random(48).astype(np.float32))
+    np.testing.assert_allclose(rms_norm(x, w, 1e-5).numpy(), rms_norm_ops(x, w, 1e-5).numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_decode_across_window_buckets_matches_full_forward(tiny_dir):
@@ -253,6 +268,8 @@ def test_jittor_backbone_training_end_to_end(tmp_path):
     data.write_text(json.dumps(convs))
     metrics = main(["--data", str(data), "--out", str(tmp_path / "heads"), "--cache-dir", str(tmp_path / "cache"),
                     "--max-length", "64", "--eval-fraction", "0.2", "--epochs", "2", "--batch-tokens", "128",
-                    "--num-heads", "2"])
+                    "--num-heads", "2", "--token-map-size", "32"])
     assert metrics["train_tokens_per_second"] > 0 and len(metrics["top1"]) == 2
-    assert (tmp_path / "heads" / "config.json").is_file()
+    config = json.loads((tmp_path / "heads" / "config.json").read_text())
+    assert config["token_map"] == "token_map.json"  # trained over the 32 most frequent targets
+    assert len(json.loads((tmp_path / "heads" / "token_map.json").read_text())["ids"]) == 32

@@ -8,8 +8,8 @@ set -euo pipefail
 source "$(dirname "$0")/../training_env.sh"
 OUT=${OUT:-$WORK/$NAME-heads-jittor}
 if [ ! -f "$DATA" ]; then
-    $PY -m medusa.train.distill --model "$MODEL" --out "$DATA" --limit "${CONVERSATIONS:-2400}"
+    $PY -m medusa.train.distill --model "$MODEL" --out "$DATA" --limit "${CONVERSATIONS:-4000}"
 fi
 $LAUNCH -m "${TRAIN_MODULE:-medusa_jittor.train}" --model "$MODEL" --data "$DATA" --out "$OUT" \
-    --num-heads "${NUM_HEADS:-4}" --num-layers "${NUM_LAYERS:-1}" --epochs "${EPOCHS:-1}" \
-    --lr "${LR:-2e-3}" --batch-tokens "${BATCH_TOKENS:-1024}"
+    --num-heads "${NUM_HEADS:-4}" --num-layers "${NUM_LAYERS:-1}" --epochs "${EPOCHS:-2}" \
+    --lr "${LR:-2e-3}" --batch-tokens "${BATCH_TOKENS:-1024}" --token-map-size "${TOKEN_MAP_SIZE:-8192}"

@@ -28,17 +28,17 @@ import importlib.util
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import gradio as gr
 
-from medusa.core.backends import BACKENDS, load_backend
+from medusa.core.backends import BACKENDS
 from medusa.core.config import GenerationConfig
 from medusa.core.engine import Step
-from medusa.core.models import DEFAULT_MODEL
+from medusa.core.options import RunOptions
 from medusa.core.prompts import Message, encode_prompt, stop_token_ids
 from medusa.core.trees import named_trees
-from medusa.serve import TextStream
+from medusa.core.text import TextStream
 
 log = logging.getLogger("app")
 
@@ -69,8 +69,8 @@ class Models:
     Switching backend or tree loads new instances and drops the old ones, so memory stays at two.
     """
 
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
+    def __init__(self, opts: RunOptions) -> None:
+        self.opts = opts
         self._loaded: dict[tuple[str, str, Optional[str]], Any] = {}
 
     def get(self, backend: str, arm: str, tree: Optional[str]) -> Any:
@@ -79,9 +79,7 @@ class Models:
             for old in [k for k in self._loaded if k[1] == arm]:
                 del self._loaded[old]
             log.info("loading %s backend for the %s arm (tree %s)", backend, arm, key[2] or "of the heads")
-            a = self.args
-            self._loaded[key] = load_backend(backend, model=a.model, heads=a.medusa_heads, tree=key[2],
-                                             dtype=a.dtype, device=a.device, max_len=a.max_len)
+            self._loaded[key] = self.opts.with_(tree=key[2], profile=False).load(backend)
         return self._loaded[key]
 
 
@@ -97,13 +95,14 @@ class Arm:
     tokens: int = 0
     seconds: float = 0.0
     done: bool = False
+    clock: Callable[[], float] = time.perf_counter  # seconds; tests inject a scripted clock
 
     def advance(self) -> None:
         """Run one decoding step (the first one includes prefill) on this arm's clock."""
-        start = time.perf_counter()
+        start = self.clock()
         step = next(self.steps)
         self.backend.synchronize()
-        self.seconds += time.perf_counter() - start
+        self.seconds += self.clock() - start
         self.tokens += len(step.tokens)
         self.done = step.finish_reason is not None
         self.chunks.append((self.text.push(step.tokens) + (self.text.flush() if self.done else ""), len(step.tokens)))
@@ -119,11 +118,11 @@ class Arm:
 
 
 def start_arm(models: Models, name: str, backend: str, tree: Optional[str], messages: list[Message],
-              cfg: GenerationConfig, template: Optional[str]) -> Arm:
+              cfg: GenerationConfig, template: Optional[str], clock: Callable[[], float] = time.perf_counter) -> Arm:
     b = models.get(backend, name, tree)
     ids = encode_prompt(b.tokenizer, messages, template)
     cfg = cfg.with_(medusa=name == "medusa", stop_token_ids=stop_token_ids(b.tokenizer, template))
-    return Arm(name, b, iter(b.generate(ids, cfg)), TextStream(b.tokenizer))
+    return Arm(name, b, iter(b.generate(ids, cfg)), TextStream(b.tokenizer), clock=clock)
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -172,17 +171,19 @@ def summary_table(base: Arm, med: Arm) -> str:
 # ----------------------------------------------------------------------------- the comparison
 
 
-def compare(models: Models, args: argparse.Namespace, prompt: str, backend: str, max_new_tokens: float,
-            temperature: float, tree: str, chat_mode: bool, conversation: Optional[Conversation]) -> Iterator[tuple]:
-    """Stream both arms interleaved; yields (panes, stats, summary, conversation, prompt box) frames."""
+def compare(models: Models, opts: RunOptions, prompt: str, backend: str, max_new_tokens: float,
+            temperature: float, tree: str, chat_mode: bool, conversation: Optional[Conversation], *,
+            clock: Callable[[], float] = time.perf_counter) -> Iterator[tuple]:
+    """Stream both arms interleaved; yields (panes, stats, summary, conversation, prompt box) frames.
+    ``clock``: what times each arm's steps (tests pass a scripted one)."""
     if not prompt.strip():
         raise gr.Error("Type a prompt first.")
     history: Conversation = conversation if chat_mode and conversation else {a: [] for a in ARMS}
-    cfg = GenerationConfig(max_new_tokens=int(max_new_tokens), temperature=float(temperature), seed=args.seed)
+    cfg = GenerationConfig(max_new_tokens=int(max_new_tokens), temperature=float(temperature), seed=opts.seed)
     tree_name = None if tree == HEADS_TREE else tree  # None: the tree the heads name, else the default
     try:
-        arms = [start_arm(models, name, backend, tree_name, _messages(history[name], prompt), cfg, args.conv_template)
-                for name in ARMS]
+        arms = [start_arm(models, name, backend, tree_name, _messages(history[name], prompt), cfg, opts.conv_template,
+                          clock) for name in ARMS]
         last = 0.0
         while not all(a.done for a in arms):
             for arm in arms:
@@ -214,11 +215,12 @@ def _frame(arms: list[Arm], history: Conversation, prompt: str, summary: Any, co
 # ----------------------------------------------------------------------------- the page
 
 
-def build_ui(models: Models, args: argparse.Namespace) -> gr.Blocks:
+def build_ui(models: Models, opts: RunOptions, loaded: dict[str, Any]) -> gr.Blocks:
+    """``loaded``: ``describe()`` of the Medusa arm as started (what the header shows)."""
     trees = [HEADS_TREE, *named_trees()]
     with gr.Blocks(title="Jedusa: baseline vs Medusa", analytics_enabled=False) as demo:
-        gr.Markdown(f"## Jedusa: baseline vs Medusa\nModel `{args.model}` · heads "
-                    f"`{args.medusa_heads or 'shipped with the model'}` · both arms stream, interleaved step by step")
+        gr.Markdown(f"## Jedusa: baseline vs Medusa\nModel `{loaded['model']}` · heads `{loaded['heads']}` "
+                    f"({loaded['num_heads']} x {loaded['head_type']}) · both arms stream, interleaved step by step")
         with gr.Row():
             prompt = gr.Textbox(label="Prompt (the model's chat template is applied)", lines=3, scale=4,
                                 elem_id="prompt", placeholder="Ask something, then press Compare")
@@ -226,10 +228,10 @@ def build_ui(models: Models, args: argparse.Namespace) -> gr.Blocks:
                 run = gr.Button("Compare", variant="primary", elem_id="compare")
                 reset = gr.Button("New conversation", elem_id="reset")
         with gr.Row():
-            backend = gr.Dropdown(available_backends(), value=args.backend, label="Backend")
-            tree = gr.Dropdown(trees, value=args.tree or HEADS_TREE, label="Tree (Medusa arm)", allow_custom_value=True)
-            max_new = gr.Slider(1, 1024, value=args.max_new_tokens, step=1, label="Max new tokens")
-            temperature = gr.Slider(0, 2, value=args.temperature, step=0.05, label="Temperature (0 = greedy)")
+            backend = gr.Dropdown(available_backends(), value=opts.backend, label="Backend")
+            tree = gr.Dropdown(trees, value=opts.tree or HEADS_TREE, label="Tree (Medusa arm)", allow_custom_value=True)
+            max_new = gr.Slider(1, 1024, value=opts.max_new_tokens, step=1, label="Max new tokens")
+            temperature = gr.Slider(0, 2, value=opts.temperature, step=0.05, label="Temperature (0 = greedy)")
             chat_mode = gr.Checkbox(value=False, label="Chat mode (multi-turn)")
         with gr.Row():
             panes, stats = [], []
@@ -240,7 +242,7 @@ def build_ui(models: Models, args: argparse.Namespace) -> gr.Blocks:
                     panes.append(gr.HTML(render_pane([], "", ""), elem_id=f"{name}-pane"))
         summary = gr.Markdown(elem_id="summary")
         conversation = gr.State(None)
-        gr.on([run.click, prompt.submit], functools.partial(compare, models, args),
+        gr.on([run.click, prompt.submit], functools.partial(compare, models, opts),
               inputs=[prompt, backend, max_new, temperature, tree, chat_mode, conversation],
               outputs=[*panes, *stats, summary, conversation, prompt], concurrency_limit=1)
         reset.click(lambda: (render_pane([], "", ""),) * 2 + ("", "", "", None),
@@ -250,18 +252,7 @@ def build_ui(models: Models, args: argparse.Namespace) -> gr.Blocks:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Gradio app: baseline vs Medusa side by side, streaming")
-    p.add_argument("--backend", choices=list(BACKENDS), default="torch", help="backend selected at start")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="short name or local Hugging Face directory")
-    p.add_argument("--medusa-heads", default=None,
-                   help="Medusa checkpoint dir (default: the heads shipped for the model; 'fresh' = untrained)")
-    p.add_argument("--tree", default=None, help="named tree or JSON file (default: the heads' own tree)")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--max-len", type=int, default=2048, help="KV cache budget in tokens (per arm)")
-    p.add_argument("--conv-template", default=None, help="FastChat template (default: the model's chat template)")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="initial value of the slider")
-    p.add_argument("--temperature", type=float, default=0.0, help="initial value of the slider")
-    p.add_argument("--seed", type=int, default=0)
+    RunOptions.add_args(p, max_new_tokens=128, seed=0)  # sliders start at --max-new-tokens / --temperature
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="also open a public Gradio share link")
@@ -270,16 +261,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    opts = RunOptions.from_args(args)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    models = Models(args)
+    models = Models(opts)
     try:
         for arm in ARMS:  # load before serving: the first visitor does not wait, bad flags fail here
-            models.get(args.backend, arm, args.tree)
+            loaded = models.get(opts.backend, arm, opts.tree).describe()
     except (ValueError, FileNotFoundError, ImportError) as err:
         log.error("%s", err)
         return 2
-    build_ui(models, args).queue().launch(server_name=args.host, server_port=args.port, share=args.share,
-                                          css=CSS, footer_links=[])
+    build_ui(models, opts, loaded).queue().launch(server_name=args.host, server_port=args.port, share=args.share,
+                                                  css=CSS, footer_links=[])
     return 0
 
 

@@ -12,7 +12,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["medusa*", "medusa_jittor*", "medusa_jittor_all*", "my_judge*"]),
     include_package_data=True,
-    package_data={"medusa": ["shipped/**/*"]},
+    package_data={"medusa": ["shipped/**/*"], "my_judge": ["data/*.json"]},
     install_requires=[line for line in Path(__file__).with_name("requirements.txt").read_text().splitlines()
                       if line and not line.startswith("#")],
 )

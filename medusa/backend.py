@@ -7,15 +7,16 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from .core.backends import BackendBase
 from .core.buffers import TreeBuffers
-from .core.config import GenerationConfig, MedusaConfig
-from .core.models import DEFAULT_MODEL
+from .core.config import GenerationConfig
+from .core.drafts import DraftTrees, source_names
+from .core.engine import Verified
 from .core.stats import StepTimer
-from .core.token_map import load_token_map
 from .decoding import (TorchTree, evaluate_posterior, generate_candidates, sample_token, sample_typical,
                        tree_decode, update_inputs)
 from .heads import MedusaHeads, heads_from_state
@@ -48,6 +49,7 @@ class TorchDecoder:
                  profile: bool = False) -> None:
         self.model, self.heads_topk, self.tree = model, heads_topk, tree
         self.device = model.tok_embeddings.weight.device
+        self.trees = DraftTrees(tree.buffers, self._convert, tree)
         self.cache = KVCache(model.args, max_len, model.tok_embeddings.weight.dtype, self.device)
         self.max_len = max_len
         self.hidden: Optional[Tensor] = None  # [h] at the last committed position
@@ -67,7 +69,11 @@ class TorchDecoder:
         return self.tree.num_nodes
 
     def set_tree(self, buffers: TreeBuffers) -> None:
-        self.tree = TorchTree.from_buffers(buffers, self.device)
+        self.trees = DraftTrees(buffers, self._convert)
+        self.tree = self.trees.heads
+
+    def _convert(self, buffers: TreeBuffers) -> TorchTree:
+        return TorchTree.from_buffers(buffers, self.device)
 
     @torch.inference_mode()
     def prefill(self, ids: list[int], cfg: GenerationConfig) -> int:
@@ -91,19 +97,28 @@ class TorchDecoder:
         return sample_token(self.model.logits(self.hidden), cfg, self.generator)
 
     @torch.inference_mode()
-    def medusa_step(self, root: int, cfg: GenerationConfig) -> tuple[list[int], int, int]:
+    def medusa_step(self, root: int, cfg: GenerationConfig, ngram: Optional[np.ndarray] = None) -> Verified:
+        tree = self.trees.get(cfg.draft, cfg.ngram_tokens)
         with self.timer.part("heads"):
-            head_topk = self.heads_topk(self.hidden, self.tree.depth, self.tree.topk)
-        candidates = generate_candidates(torch.tensor(root, device=self.device), head_topk, self.tree)
+            head_topk = self._heads_topk(tree)
+        chain = None if ngram is None else torch.as_tensor(ngram, device=self.device)
+        candidates = generate_candidates(torch.tensor(root, device=self.device), head_topk, tree, chain)
         with self.timer.part("tree_forward"):
-            hidden, logits = tree_decode(self.model, self.cache, candidates, self.tree)
+            hidden, logits = tree_decode(self.model, self.cache, candidates, tree)
         with self.timer.part("posterior"):
-            best, accepted, bonus = evaluate_posterior(logits, candidates, self.tree, cfg, self.generator)
+            best, accepted, bonus = evaluate_posterior(logits, candidates, tree, cfg, self.generator)
         with self.timer.part("cache_update"):
-            nodes = update_inputs(self.cache, self.tree, best, accepted)
+            nodes = update_inputs(self.cache, tree, best, accepted)
             self.hidden = hidden[nodes[-1]]
         self.timer.steps += 1
-        return candidates[nodes].tolist(), accepted, bonus
+        path = tree.retrieve_indices_host[best, 1:accepted + 1]
+        return Verified(candidates[nodes].tolist(), accepted, bonus, source_names(tree.buffers.sources[path]))
+
+    def _heads_topk(self, tree: TorchTree) -> Tensor:
+        """[heads the tree reads, TOPK] ids; none for a tree without heads' nodes (n-gram only)."""
+        if tree.buffers.head_depth == 0:
+            return torch.empty(0, dtype=torch.long, device=self.device)
+        return self.heads_topk(self.hidden, tree.buffers.head_depth, tree.topk)
 
 
 class TorchBackend(BackendBase):
@@ -111,32 +126,27 @@ class TorchBackend(BackendBase):
 
     name = "torch"
 
-    def __init__(self, model: str = DEFAULT_MODEL, heads: Optional[str] = None, tree: Optional[str] = None,
+    def __init__(self, model: Optional[str] = None, heads: Optional[str] = None, tree: Optional[str] = None,
                  dtype: str = "float32", device: str = "auto", max_len: int = 2048, profile: bool = False) -> None:
-        """``heads``: a checkpoint dir; None = the heads shipped for ``model`` (if any); "fresh" = untrained.
+        """``model``/``heads``/``tree``: see ``core.resolve`` (None = the defaults it documents).
         ``profile``: time the parts of each Medusa step (see ``describe()``)."""
-        self._locate(model, heads)
         self.device, self.dtype = pick_device(device), torch_dtype(dtype)
+        run = self._resolve(model, heads, tree, self.device)
         self.model = load_llama(self.model_dir, self.dtype, self.device)
-        self.heads_config, self.heads = self._load_heads()  # before packing: heads may copy the dense lm_head
-        self.proposal_ids, self.proposal_head = self._proposal_head()
+        self.heads = self._heads()  # before packing: heads may copy the dense lm_head
+        self.proposal_ids, self.proposal_head = self._proposal_head(run.token_map)
         pack_linears(self.model)
-        buffers = self._tree(tree, self.heads_config)
-        self.decoder = TorchDecoder(self.model, self.heads_topk, TorchTree.from_buffers(buffers, self.device), max_len,
-                                    profile)
+        self.decoder = TorchDecoder(self.model, self.heads_topk, TorchTree.from_buffers(self.tree_buffers(), self.device),
+                                    max_len, profile)
 
-    def _load_heads(self) -> tuple[MedusaConfig, MedusaHeads]:
-        args = self.model.args
-        config, state = self._heads_checkpoint()
-        if state is None:
-            heads = MedusaHeads(config, args.hidden_size, args.vocab_size).to(device=self.device, dtype=self.dtype)
-        else:
-            heads = heads_from_state(config, state, args.hidden_size, args.vocab_size, self.dtype, self.device)
-        return config, pack_linears(heads.eval())
+    def _heads(self) -> MedusaHeads:
+        args, run = self.model.args, self.resolved
+        heads = heads_from_state(run.heads_config, run.heads_state, args.hidden_size, args.vocab_size, self.dtype,
+                                 self.device)
+        return pack_linears(heads)
 
-    def _proposal_head(self) -> tuple[Optional[Tensor], torch.nn.Module]:
+    def _proposal_head(self, ids: Optional[np.ndarray]) -> tuple[Optional[Tensor], torch.nn.Module]:
         """The projection shared heads propose through: the base lm_head, or its token-map rows."""
-        ids = load_token_map(self.heads_path, self.heads_config)
         if ids is None:
             return None, self.model.output
         rows = torch.nn.Linear(self.model.args.hidden_size, len(ids), bias=False, device=self.device, dtype=self.dtype)
@@ -151,6 +161,5 @@ class TorchBackend(BackendBase):
         self.decoder.synchronize()
 
     def describe(self) -> dict[str, Any]:
-        return dict(super().describe(), num_heads=self.heads_config.medusa_num_heads,
-                    proposal_vocab=len(self.proposal_ids) if self.proposal_ids is not None else self.model.args.vocab_size,
+        return dict(super().describe(), proposal_vocab=len(self.proposal_ids) if self.proposal_ids is not None else self.model.args.vocab_size,
                     dtype=str(self.dtype).replace("torch.", ""), device=self.device)

@@ -2,9 +2,11 @@
 
 Glossary (Medusa, arxiv 2401.10774):
   root              the token the base model chose last; verified context, not yet in the KV cache
-  candidate         a token proposed by a head; head k proposes TOPK tokens for position +k+1
+  candidate         a drafted token: head k proposes TOPK tokens for position +k+1; the n-gram
+                    source (``core.drafts``) proposes a chain continuing the context's longest
+                    earlier match
   tree candidates   [N] the tree's tokens, root first: ``flat[tree_indices]`` with
-                    ``flat = [root, head0 top-K, head1 top-K, ...]``
+                    ``flat = [root, head0 top-K, head1 top-K, ..., ngram chain]``
   retrieve indices  [P, D+1] node indices of each root-to-leaf path (padding -1)
   accept length     how many candidates after the root a path keeps (0..D)
   bonus token       the base model's own next token after the last accepted node: the next root
@@ -28,6 +30,7 @@ from torch import Tensor
 from .core.acceptance import best_path
 from .core.buffers import TreeBuffers
 from .core.config import GenerationConfig
+from .core.drafts import first_twins
 from .llama import KVCache, Transformer
 
 
@@ -43,22 +46,25 @@ class TorchTree:
     depth: int
     topk: int  # ranks per head the tree uses
     retrieve_indices_host: np.ndarray  # [P, D+1] for the path walk, which runs on the host
+    buffers: TreeBuffers  # the host original (sources, head depth, chain length)
 
     @classmethod
     def from_buffers(cls, b: TreeBuffers, device: torch.device | str) -> "TorchTree":
         t = lambda a: torch.as_tensor(a, device=device)  # noqa: E731
         return cls(t(b.attn_mask), t(b.tree_indices), t(b.position_ids), t(b.retrieve_indices),
-                   t(b.parents).clamp(min=0), b.depth, b.topk, b.retrieve_indices)
+                   t(b.parents).clamp(min=0), b.depth, b.topk, b.retrieve_indices, b)
 
     @property
     def num_nodes(self) -> int:
         return self.tree_indices.shape[0]
 
 
-def generate_candidates(root: Tensor, head_topk: Tensor, tree: TorchTree) -> Tensor:
-    """root: [] id, head_topk: [H, TOPK] -> tree candidates [N]."""
-    flat = torch.cat([root.view(1), head_topk[: tree.depth].reshape(-1)])
-    return flat[tree.tree_indices]
+def generate_candidates(root: Tensor, head_topk: Tensor, tree: TorchTree, ngram: Optional[Tensor] = None) -> Tensor:
+    """root: [] id, head_topk: [H, TOPK], ngram: [C] (a tree with a chain) -> tree candidates [N]."""
+    parts = [root.view(1), head_topk[: tree.buffers.head_depth].reshape(-1)]
+    if tree.buffers.chain:
+        parts.append(ngram)
+    return torch.cat(parts)[tree.tree_indices]
 
 
 def tree_decode(model: Transformer, cache: KVCache, candidates: Tensor, tree: TorchTree) -> tuple[Tensor, Tensor]:
@@ -82,7 +88,9 @@ def evaluate_posterior(logits: Tensor, candidates: Tensor, tree: TorchTree, cfg:
     greedy:  a node is accepted when it is its parent's argmax.
     nucleus: every node draws one sample from its top-p distribution; a node is accepted when it
              equals its parent's sample, so the walk reproduces sequential sampling exactly and the
-             bonus token is the last accepted node's own sample.
+             bonus token is the last accepted node's own sample.  Nodes with the same tokens from
+             the root (an n-gram chain repeating a heads' branch) share one sample: independent
+             samples would let the walk pick whichever matched, favouring drafted tokens.
     typical: a node is accepted when its probability under the parent passes the entropy-adaptive
              threshold; ties in length go to the most likely path; the bonus is a typical sample.
     """
@@ -93,6 +101,9 @@ def evaluate_posterior(logits: Tensor, candidates: Tensor, tree: TorchTree, cfg:
         node_ok = node_prob > typical_threshold(probs, cfg)[tree.parents]
     else:
         choice = logits.argmax(-1) if mode == "greedy" else sample_top_p(logits, cfg, generator)
+        if mode == "nucleus" and tree.buffers.chain:
+            twins = first_twins(candidates.cpu().numpy(), tree.buffers.parents)
+            choice = choice[torch.as_tensor(twins, device=choice.device)]
         node_ok = candidates == choice[tree.parents]
     logprob = torch.log(node_prob).cpu().numpy() if mode == "typical" else None
     best, best_len = best_path(node_ok.cpu().numpy(), tree.retrieve_indices_host, logprob)

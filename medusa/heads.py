@@ -62,11 +62,13 @@ class MedusaHeads(nn.ModuleList):
         return {k: v.detach().float().cpu().numpy() for k, v in self.state_dict().items()}
 
 
-def heads_from_state(config: MedusaConfig, state: StateDict, hidden_size: int, vocab_size: int,
+def heads_from_state(config: MedusaConfig, state: Optional[StateDict], hidden_size: int, vocab_size: int,
                      dtype: torch.dtype, device: str) -> MedusaHeads:
-    """Strictly load a numpy state dict (see ``core.checkpoint``) into PyTorch heads."""
-    infer_layout(state)
-    check_shapes(state, hidden_size, vocab_size)
+    """Strictly load a numpy state dict (see ``core.checkpoint``) into PyTorch heads; ``state`` None
+    gives fresh heads of ``config``'s shape."""
     heads = MedusaHeads(config, hidden_size, vocab_size)
-    heads.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state.items()}, strict=True)
+    if state is not None:
+        infer_layout(state)
+        check_shapes(state, hidden_size, vocab_size)
+        heads.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state.items()}, strict=True)
     return heads.to(device=device, dtype=dtype).eval()

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from .core.config import LlamaArgs, rope_inv_freq
 from .core.models import ModelError, load_args
-from .core.weights import our_state, weight_files
+from .core.weights import is_backbone_tensor, our_state, weight_files
 
 
 class KVCache:
@@ -85,7 +85,9 @@ def packed(linear: nn.Linear) -> nn.Module:
     """``linear`` as a OneDNNLinear where that helps (CPU, fp32 or bf16), else unchanged."""
     usable = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     w = linear.weight
-    if usable and w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16):
+    # oneDNN's bf16 path needs AVX512-BF16-class CPUs; elsewhere packing a bf16 weight raises
+    bf16 = w.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if usable and w.device.type == "cpu" and (w.dtype == torch.float32 or bf16):
         return OneDNNLinear(linear)
     return linear
 
@@ -221,12 +223,16 @@ def load_llama(model_dir: Path, dtype: torch.dtype = torch.float32, device: str 
 
 
 def _read_hf_state(model_dir: Path) -> dict[str, Tensor]:
-    from safetensors.torch import load_file
+    """The backbone's HF tensors; extras such as Medusa-2 heads are never loaded (a 7B Medusa-2
+    directory holds 1.5 GB of head weights in fp16)."""
+    from safetensors import safe_open
 
     state: dict[str, Tensor] = {}
     for file in weight_files(model_dir):
         if file.suffix == ".safetensors":
-            state.update(load_file(str(file)))
+            with safe_open(str(file), framework="pt") as f:
+                state.update({k: f.get_tensor(k) for k in f.keys() if is_backbone_tensor(k)})
         else:
-            state.update(torch.load(str(file), map_location="cpu", weights_only=True, mmap=True))
+            loaded = torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
+            state.update({k: v for k, v in loaded.items() if is_backbone_tensor(k)})
     return state

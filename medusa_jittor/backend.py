@@ -16,8 +16,6 @@ import torch
 from torch import Tensor
 
 from medusa.backend import TorchBackend
-from medusa.core.config import MedusaConfig
-from medusa.core.token_map import load_token_map
 
 from .heads import MedusaHeads, heads_from_state, jittor_rows
 from .runtime import jt
@@ -26,21 +24,14 @@ from .runtime import jt
 class HybridBackend(TorchBackend):
     name = "hybrid"
 
-    def _load_heads(self) -> tuple[MedusaConfig, MedusaHeads]:
-        args = self.model.args
-        config, state = self._heads_checkpoint()
-        if state is None:
-            heads = MedusaHeads(config, args.hidden_size, args.vocab_size)
-        else:
-            heads = heads_from_state(config, state, args.hidden_size, args.vocab_size)
-        heads.eval()
+    def _heads(self) -> MedusaHeads:
+        args, run = self.model.args, self.resolved
         self.bridge_s = self.heads_s = 0.0
         self.head_calls = 0
-        return config, heads
+        return heads_from_state(run.heads_config, run.heads_state, args.hidden_size, args.vocab_size)
 
-    def _proposal_head(self) -> tuple[Optional[Tensor], jt.nn.Module]:
+    def _proposal_head(self, ids: Optional[np.ndarray]) -> tuple[Optional[Tensor], jt.nn.Module]:
         """A Jittor copy of the base lm_head (or of its token-map rows) for the shared heads."""
-        ids = load_token_map(self.heads_path, self.heads_config)
         weight = self.model.output.weight.detach().float().cpu().numpy()
         return (None if ids is None else torch.as_tensor(ids, device=self.device)), jittor_rows(weight, ids)
 

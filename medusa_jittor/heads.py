@@ -80,14 +80,17 @@ def topk_ids(scores: jt.Var, k: int) -> jt.Var:
     return jt.stack(picked, dim=1)
 
 
-def heads_from_state(config: MedusaConfig, state: StateDict, hidden_size: int, vocab_size: int) -> MedusaHeads:
-    """Strictly load a numpy state dict (see ``medusa.core.checkpoint``) into Jittor heads."""
+def heads_from_state(config: MedusaConfig, state: Optional[StateDict], hidden_size: int, vocab_size: int) -> MedusaHeads:
+    """Strictly load a numpy state dict (see ``medusa.core.checkpoint``) into Jittor heads (in eval
+    mode); ``state`` None gives fresh heads of ``config``'s shape."""
+    heads = MedusaHeads(config, hidden_size, vocab_size)
+    if state is None:
+        return heads.eval()
     infer_layout(state)
     check_shapes(state, hidden_size, vocab_size)
-    heads = MedusaHeads(config, hidden_size, vocab_size)
     own = heads.state_dict()
     if set(own) != set(state):
         missing = sorted(set(own) - set(state)) or sorted(set(state) - set(own))
         raise KeyError(f"Jittor heads and checkpoint disagree on key {missing[0]!r}")
     heads.load_state_dict({k: jt.array(np.asarray(v, dtype=np.float32)) for k, v in state.items()})
-    return heads
+    return heads.eval()

@@ -8,6 +8,13 @@ Jittor 1.3.11 needs three things settled *before* its first import:
   empty, so CUDA is enabled only when a driver is really there (``JEDUSA_JITTOR_CUDA=0`` forces CPU).
 - Compile cache: kernels are compiled into ``~/.cache/jittor`` (first import: ~3 minutes on a
   2-core CPU); the user is told instead of facing a silent pause.
+
+And one thing after it: Jittor installs C-level handlers for SIGCHLD and SIGINT that end the whole
+process (exit 1, no message with ``log_silent``) when *any* child process dies of a signal and on
+Ctrl-C.  A server, a test runner or a recipe that kills a child of its own would die with it, and
+Ctrl-C would skip every ``finally``; Python's own handlers are put back (``_restore_signals``).  It
+also raises Python's recursion limit to 10^6, turning deep recursion (a deeply nested JSON body
+sent to the server, say) into a C stack overflow; the limit is put back.
 """
 from __future__ import annotations
 
@@ -15,6 +22,9 @@ import ctypes.util
 import importlib.util
 import logging
 import os
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -39,14 +49,26 @@ def _import_jittor():
     if first:
         log.warning("first Jittor import: compiling its kernels into %s (about 3 minutes, once)", CACHE_DIR)
     start = time.perf_counter()
+    recursion_limit = sys.getrecursionlimit()
     import jittor
 
+    sys.setrecursionlimit(recursion_limit)  # Jittor sets 10^6: deep recursion must stay a RecursionError
+
     jittor.flags.use_cuda = int(cuda_driver_present() and jittor.has_cuda)
+    _restore_signals()
     if first:
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.touch()
         log.warning("Jittor ready after %.0f s", time.perf_counter() - start)
     return jittor
+
+
+def _restore_signals() -> None:
+    """Python's SIGCHLD (default) and SIGINT (KeyboardInterrupt) handlers, replacing Jittor's exits."""
+    if threading.current_thread() is not threading.main_thread():
+        return  # only the main thread may set handlers; Jittor is imported there by every entry point
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 jt = _import_jittor()

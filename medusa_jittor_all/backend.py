@@ -12,10 +12,10 @@ import numpy as np
 
 from medusa.core.backends import BackendBase, BackendError
 from medusa.core.buffers import TreeBuffers
-from medusa.core.config import GenerationConfig, MedusaConfig
-from medusa.core.models import DEFAULT_MODEL
+from medusa.core.config import GenerationConfig
+from medusa.core.drafts import DraftTrees, source_names
+from medusa.core.engine import Verified
 from medusa.core.stats import StepTimer
-from medusa.core.token_map import load_token_map
 from medusa_jittor.heads import MedusaHeads, heads_from_state, jittor_rows
 from medusa_jittor.runtime import jt
 
@@ -33,6 +33,7 @@ class JittorDecoder:
                  profile: bool = False, proposal_ids: Optional[np.ndarray] = None) -> None:
         """``proposal_ids``: the heads' token map (their shared projection then covers only those rows)."""
         self.model, self.heads, self.tree = model, heads, tree
+        self.trees = DraftTrees(tree.buffers, JittorTree.from_buffers, tree)
         self.proposal_ids = proposal_ids
         self.proposal_head = model.output if proposal_ids is None else jittor_rows(model.output.weight.numpy(), proposal_ids)
         self.cache = KVCache(model.args, max_len)
@@ -50,7 +51,8 @@ class JittorDecoder:
         return self.tree.num_nodes
 
     def set_tree(self, buffers: TreeBuffers) -> None:
-        self.tree = JittorTree.from_buffers(buffers)
+        self.trees = DraftTrees(buffers, JittorTree.from_buffers)
+        self.tree = self.trees.heads
 
     def _forward(self, ids: list[int], positions: np.ndarray) -> jt.Var:
         """Causal forward of ``ids`` at ``positions``; commits them; returns the last hidden [h]."""
@@ -72,23 +74,29 @@ class JittorDecoder:
             self.hidden = self._forward([root], np.array([self.cache.length]))
             return sample_token(self.model.logits(self.hidden), cfg, self.rng)
 
-    def medusa_step(self, root: int, cfg: GenerationConfig) -> tuple[list[int], int, int]:
+    def medusa_step(self, root: int, cfg: GenerationConfig, ngram: Optional[np.ndarray] = None) -> Verified:
+        tree = self.trees.get(cfg.draft, cfg.ngram_tokens)
         with jt.no_grad():
             with self.timer.part("heads"):
-                b = self.tree.buffers
-                head_topk = self.heads.topk(self.hidden, self.proposal_head, b.depth, b.topk).numpy()
-                if self.proposal_ids is not None:
-                    head_topk = self.proposal_ids[head_topk]
-            candidates = generate_candidates(root, head_topk, self.tree)
+                head_topk = self._heads_topk(tree.buffers)
+            candidates = generate_candidates(root, head_topk, tree, ngram)
             with self.timer.part("tree_forward"):
-                hidden, logits = tree_decode(self.model, self.cache, candidates, self.tree)
+                hidden, logits = tree_decode(self.model, self.cache, candidates, tree)
             with self.timer.part("posterior"):
-                best, accepted, bonus = evaluate_posterior(logits, candidates, self.tree, cfg, self.rng)
+                best, accepted, bonus = evaluate_posterior(logits, candidates, tree, cfg, self.rng)
             with self.timer.part("cache_update"):
-                nodes = update_inputs(self.cache, self.tree, best, accepted)
+                nodes = update_inputs(self.cache, tree, best, accepted)
                 self.hidden = hidden[int(nodes[-1])]
         self.timer.steps += 1
-        return candidates[nodes].tolist(), accepted, bonus
+        sources = source_names(tree.buffers.sources[nodes[1:]])
+        return Verified(candidates[nodes].tolist(), accepted, bonus, sources)
+
+    def _heads_topk(self, b: TreeBuffers) -> np.ndarray:
+        """[heads the tree reads, TOPK] ids; none for a tree without heads' nodes (n-gram only)."""
+        if b.head_depth == 0:
+            return np.empty(0, dtype=np.int64)
+        head_topk = self.heads.topk(self.hidden, self.proposal_head, b.head_depth, b.topk).numpy()
+        return head_topk if self.proposal_ids is None else self.proposal_ids[head_topk]
 
 
 class JittorBackend(BackendBase):
@@ -96,18 +104,18 @@ class JittorBackend(BackendBase):
 
     name = "jittor"
 
-    def __init__(self, model: str = DEFAULT_MODEL, heads: Optional[str] = None, tree: Optional[str] = None,
+    def __init__(self, model: Optional[str] = None, heads: Optional[str] = None, tree: Optional[str] = None,
                  dtype: str = "float32", device: str = "auto", max_len: int = 2048, profile: bool = False) -> None:
-        self._locate(model, heads)
         self.device = self._device(device)
         if dtype not in DTYPES:
             raise BackendError(f"backend 'jittor' runs float32 only, not {dtype!r}: use --dtype float32")
         self.dtype = "float32"
+        run = self._resolve(model, heads, tree, self.device)
         self.model = load_llama(self.model_dir, self.dtype)
-        self.heads_config, self.heads = self._load_heads()
-        buffers = self._tree(tree, self.heads_config)
-        self.decoder = JittorDecoder(self.model, self.heads, JittorTree.from_buffers(buffers), max_len, profile,
-                                     load_token_map(self.heads_path, self.heads_config))
+        args = self.model.args
+        self.heads = heads_from_state(run.heads_config, run.heads_state, args.hidden_size, args.vocab_size)
+        self.decoder = JittorDecoder(self.model, self.heads, JittorTree.from_buffers(self.tree_buffers()), max_len,
+                                     profile, run.token_map)
 
     @staticmethod
     def _device(name: str) -> str:
@@ -119,17 +127,10 @@ class JittorBackend(BackendBase):
             jt.flags.use_cuda = 0
         return name
 
-    def _load_heads(self) -> tuple[MedusaConfig, MedusaHeads]:
-        args = self.model.args
-        config, state = self._heads_checkpoint()
-        if state is None:
-            return config, MedusaHeads(config, args.hidden_size, args.vocab_size).eval()
-        return config, heads_from_state(config, state, args.hidden_size, args.vocab_size).eval()
-
     def synchronize(self) -> None:
         jt.sync_all()
 
     def describe(self) -> dict[str, Any]:
         ids = self.decoder.proposal_ids
-        return dict(super().describe(), num_heads=self.heads_config.medusa_num_heads, dtype=self.dtype,
+        return dict(super().describe(), dtype=self.dtype,
                     device=self.device, proposal_vocab=self.model.args.vocab_size if ids is None else len(ids))

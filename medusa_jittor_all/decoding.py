@@ -12,12 +12,14 @@ shared by all layers), and the cache compaction always moves D+1 entries.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
 from medusa.core.acceptance import best_path, sample_top_p, sample_typical, softmax, typical_threshold
 from medusa.core.buffers import TreeBuffers, step_visibility
 from medusa.core.config import GenerationConfig
+from medusa.core.drafts import first_twins
 from medusa_jittor.runtime import jt
 
 from .llama import NEG_INF, KVCache, Transformer
@@ -44,10 +46,12 @@ def additive_mask(length: int, block: np.ndarray, width: int) -> jt.Var:
     return jt.array(np.where(step_visibility(length, block, width), 0.0, NEG_INF).astype(np.float32))
 
 
-def generate_candidates(root: int, head_topk: np.ndarray, tree: JittorTree) -> np.ndarray:
-    """root id, head_topk [H, TOPK] -> tree candidates [N]."""
-    flat = np.concatenate([[root], head_topk[: tree.buffers.depth].reshape(-1)])
-    return flat[tree.buffers.tree_indices].astype(np.int32)
+def generate_candidates(root: int, head_topk: np.ndarray, tree: JittorTree,
+                        ngram: Optional[np.ndarray] = None) -> np.ndarray:
+    """root id, head_topk [H, TOPK], ngram [C] (a tree with a chain) -> tree candidates [N]."""
+    b = tree.buffers
+    parts = [[root], head_topk[: b.head_depth].reshape(-1)] + ([ngram] if b.chain else [])
+    return np.concatenate(parts)[b.tree_indices].astype(np.int32)
 
 
 def tree_decode(model: Transformer, cache: KVCache, candidates: np.ndarray, tree: JittorTree) -> tuple[jt.Var, jt.Var]:
@@ -65,6 +69,7 @@ def evaluate_posterior(logits: jt.Var, candidates: np.ndarray, tree: JittorTree,
     greedy:  argmax in Jittor, only N ids come back.
     nucleus: every node samples once from its top-p distribution (host sampler); a node is accepted
              when it equals its parent's sample; the bonus is the last accepted node's sample.
+             Nodes with the same tokens from the root share one sample (``drafts.first_twins``).
     typical: p(node | parent) against the parent's entropy-adaptive threshold; ties go to the most
              likely path; the bonus is a typical sample from the last accepted node.
     """
@@ -76,6 +81,8 @@ def evaluate_posterior(logits: jt.Var, candidates: np.ndarray, tree: JittorTree,
     probs = softmax(logits.numpy(), cfg.temperature)  # [N, V] on the host: sampling is host-side
     if cfg.mode == "nucleus":
         choice = sample_top_p(probs, cfg.top_p, rng)
+        if tree.buffers.chain:
+            choice = choice[first_twins(candidates, tree.buffers.parents)]
         best, accepted = best_path(candidates == choice[parents], retrieve)
         return best, accepted, int(choice[retrieve[best, accepted]])
     node_prob = probs[parents, candidates]

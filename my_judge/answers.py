@@ -19,6 +19,7 @@ import logging
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -26,10 +27,11 @@ from tqdm import tqdm
 
 from medusa.core.backends import Backend
 from medusa.core.config import GenerationConfig
+from medusa.core.io import JsonlAppender, iter_jsonl
+from medusa.core.options import RunOptions
 from medusa.core.stats import Record
 
-from .harness import Arm, add_run_args, backend_arm, backend_from_args, config_from_args, run_question, warm_up
-from .jsonl import append_jsonl, iter_jsonl
+from .harness import Arm, add_run_args, backend_arm, run_config, run_options, run_question, warm_up
 from .questions import load_questions
 
 log = logging.getLogger("answers")
@@ -66,8 +68,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         questions = load_questions(args.questions, args.limit, args.start)
-        backend = backend_from_args(args)
-        for path in generate_answers(backend, questions, args):
+        opts, job = plan(args)
+        backend = opts.load()
+        for path in generate_answers(backend, questions, opts, job):
             log.info("%s: done", path)
     except (ValueError, FileNotFoundError) as err:
         log.error("%s", err)
@@ -75,36 +78,55 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-def generate_answers(backend: Backend, questions: list[dict[str, Any]], args: argparse.Namespace) -> list[Path]:
+@dataclass(frozen=True)
+class AnswerJob:
+    """What to answer and where, besides the run options."""
+
+    answer_dir: Path
+    mode: str = "both"
+    turns: Optional[int] = None
+    model_id: Optional[str] = None
+    fastchat_temperatures: bool = False
+
+
+def plan(args: argparse.Namespace) -> tuple[RunOptions, AnswerJob]:
+    """The parsed command line as (run options, answer job)."""
+    return run_options(args), AnswerJob(args.answer_dir, args.mode, args.turns, args.model_id,
+                                        args.fastchat_temperatures)
+
+
+def generate_answers(backend: Backend, questions: list[dict[str, Any]], opts: RunOptions, job: AnswerJob) -> list[Path]:
     """Answer every question not yet in each arm's file; one line appended per finished question."""
     tok = backend.tokenizer
-    cfg = config_from_args(tok, args)
+    cfg = run_config(tok, opts)
     described = backend.describe()
     plans = []
-    for arm in [backend_arm(backend, medusa=m == "medusa") for m in ARMS[args.mode]]:
-        model_id = f"{args.model_id or Path(args.model).name}-{args.backend}-{arm.name}"
-        path = args.answer_dir / f"{model_id}.jsonl"
-        setup = {"backend": args.backend, "arm": arm.name, **{k: described.get(k) for k in SETUP_KEYS},
-                 "conv_template": args.conv_template, "max_new_tokens": args.max_new_tokens, "turns": args.turns,
-                 "temperature": "fastchat" if args.fastchat_temperatures else args.temperature, "seed": args.seed}
+    for arm in [backend_arm(backend, medusa=m == "medusa") for m in ARMS[job.mode]]:
+        model_id = f"{job.model_id or Path(described['model']).name}-{opts.backend}-{arm.name}"
+        path = job.answer_dir / f"{model_id}.jsonl"
+        setup = {"backend": opts.backend, "arm": arm.name, **{k: described.get(k) for k in SETUP_KEYS},
+                 "conv_template": opts.conv_template, "max_new_tokens": opts.max_new_tokens, "turns": job.turns,
+                 "temperature": "fastchat" if job.fastchat_temperatures else opts.temperature, "seed": opts.seed,
+                 "top_p": opts.top_p, "acceptance": opts.acceptance, "max_len": opts.max_len}
         done = answered(path, setup)  # every arm's file is checked before anything runs
         todo = [q for q in questions if q["question_id"] not in done]
         log.info("%s: %d of %d questions already answered", path, len(questions) - len(todo), len(questions))
         plans.append((arm, model_id, path, setup, todo))
     for arm, model_id, path, setup, todo in plans:
         if todo:
-            _answer(arm, tok, todo, cfg, args, model_id, path, setup)
+            _answer(arm, tok, todo, cfg, opts, job, model_id, path, setup)
     return [path for _, _, path, _, _ in plans]
 
 
-def _answer(arm: Arm, tok: Any, questions: list[dict[str, Any]], cfg: GenerationConfig, args: argparse.Namespace,
-            model_id: str, path: Path, setup: dict[str, Any]) -> None:
-    warm_up(arm, tok, questions[0], cfg, args.conv_template)
-    for q in tqdm(questions, desc=model_id, unit="q"):
-        temperature = question_temperature(q["category"], args.temperature, args.fastchat_temperatures)
-        records, texts = run_question(arm, tok, q, cfg.with_(temperature=temperature), args.conv_template,
-                                      args.turns)
-        append_jsonl(path, answer_record(q, model_id, records, texts, setup))
+def _answer(arm: Arm, tok: Any, questions: list[dict[str, Any]], cfg: GenerationConfig, opts: RunOptions,
+            job: AnswerJob, model_id: str, path: Path, setup: dict[str, Any]) -> None:
+    warm_up(arm, tok, questions[0], cfg, opts.conv_template)
+    with JsonlAppender(path) as out:
+        for q in tqdm(questions, desc=model_id, unit="q"):
+            temperature = question_temperature(q["category"], opts.temperature, job.fastchat_temperatures)
+            records, texts = run_question(arm, tok, q, cfg.with_(temperature=temperature), opts.conv_template,
+                                          job.turns)
+            out.append(answer_record(q, model_id, records, texts, setup))  # one fsync'd line per question
 
 
 def question_temperature(category: str, default: float, fastchat: bool) -> float:

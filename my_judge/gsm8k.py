@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from medusa.core.checkpoint import atomic_write_text
+from medusa.core.io import atomic_write_text
 
 from .answers import answer_files, load_answers
 from .questions import load_questions, package_file

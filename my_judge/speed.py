@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from medusa.core.checkpoint import atomic_write_text
+from medusa.core.io import atomic_write_text
 from medusa.core.stats import summarize
 
 from .answers import answer_files, answer_records, load_answers

@@ -8,7 +8,8 @@
 #   MAX_NEW_TOKENS  per turn                          (default 128)
 #   TEMPERATURE     0 = greedy (default); FASTCHAT_TEMPS=1 for FastChat's per-category temperatures
 #   OUT             results directory                 (default results/mt_bench)
-#   ASSETS          plot directory                    (default assets)
+#   ASSETS          plot directory                    (default $OUT/plots, next to the results;
+#                                                      ASSETS=assets updates the README's committed figures)
 #   Judge, only when OPENAI_API_KEY is set (any value for a local server without auth):
 #   JUDGE_BASE_URL  OpenAI-compatible endpoint        (default: OpenAI)
 #   JUDGE_MODEL     (default gpt-4o)   JUDGE_MODE single | pairwise-baseline | pairwise-all (default single)
@@ -23,7 +24,7 @@ fi
 BACKENDS=${BACKENDS:-torch hybrid jittor}
 MODEL=${MODEL:-smollm2-135m}
 OUT=${OUT:-results/mt_bench}
-ASSETS=${ASSETS:-assets}
+ASSETS=${ASSETS:-$OUT/plots}
 JUDGE_MODEL=${JUDGE_MODEL:-gpt-4o}
 JUDGE_MODE=${JUDGE_MODE:-single}
 

@@ -7,7 +7,8 @@
 #   LIMIT START     which test problems               (default 3 from 0: minutes on a CPU; LIMIT=1319 for all)
 #   MAX_NEW_TOKENS  per answer                        (default 256)
 #   OUT             results directory                 (default results/gsm8k)
-#   ASSETS          plot directory                    (default assets)
+#   ASSETS          plot directory                    (default $OUT/plots, next to the results;
+#                                                      ASSETS=assets updates the README's committed figures)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${PY:-}" ]; then
@@ -15,7 +16,7 @@ if [ -z "${PY:-}" ]; then
 fi
 BACKENDS=${BACKENDS:-torch hybrid jittor}
 OUT=${OUT:-results/gsm8k}
-ASSETS=${ASSETS:-assets}
+ASSETS=${ASSETS:-$OUT/plots}
 
 gen=(--model "${MODEL:-smollm2-135m}" --dtype "${DTYPE:-float32}" --device "${DEVICE:-auto}" --start "${START:-0}"
      --limit "${LIMIT:-3}" --max-new-tokens "${MAX_NEW_TOKENS:-256}" --temperature 0

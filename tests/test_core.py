@@ -45,15 +45,15 @@ def test_checkpoint_round_trip(tmp_path, fmt, shared):
     assert json.loads((tmp_path / "config.json").read_text())["medusa_num_heads"] == 3
 
 
-def test_checkpoint_errors(tmp_path):
+def test_checkpoint_errors(tmp_path, caplog):
     with pytest.raises(CheckpointError, match="no such directory"):
         load_checkpoint(tmp_path / "missing")
     save_checkpoint(tmp_path, MedusaConfig(3, 2), _state())
     with pytest.raises(CheckpointError, match="another model"):
         check_shapes(load_checkpoint(tmp_path)[1], hidden_size=16, vocab_size=20)
     (tmp_path / "config.json").write_text(json.dumps({"medusa_num_heads": 5}))
-    with pytest.raises(CheckpointError, match="medusa_num_heads=5 but the weights hold 3"):
-        load_checkpoint(tmp_path)
+    assert load_checkpoint(tmp_path)[0].medusa_num_heads == 3  # the weights decide; the config gets a warning
+    assert "medusa_num_heads=5 but the weights hold 3" in caplog.text
     (tmp_path / "config.json").write_text("{}")
     data = (tmp_path / "medusa_lm_head.safetensors").read_bytes()
     (tmp_path / "medusa_lm_head.safetensors").write_bytes(data[: len(data) // 2])
@@ -165,8 +165,8 @@ def test_token_map_keeps_the_most_frequent_targets_and_loads_strictly(tmp_path):
     shared = MedusaConfig(2, 1, shared_lm_head=True, token_map="map.json")
     assert load_token_map(tmp_path, shared).tolist() == [5, 9]
     assert load_token_map(tmp_path, MedusaConfig(2, 1, shared_lm_head=True)) is None
-    with pytest.raises(CheckpointError, match="shared-lm_head"):
-        load_token_map(tmp_path, MedusaConfig(2, 1, shared_lm_head=False, token_map="map.json"))
+    # own lm_heads propose over the full vocabulary: the map is kept for exports, not applied
+    assert load_token_map(tmp_path, MedusaConfig(2, 1, shared_lm_head=False, token_map="map.json")) is None
     (tmp_path / "map.json").write_text("{broken")
     with pytest.raises(CheckpointError, match="unreadable token map"):
         load_token_map(tmp_path, shared)

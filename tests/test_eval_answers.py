@@ -6,7 +6,7 @@ import pytest
 from medusa.core.engine import Step
 from medusa.core.stats import Record
 from my_judge import answers as ans
-from my_judge.jsonl import append_jsonl, read_jsonl
+from medusa.core.io import append_jsonl, read_jsonl
 from my_judge.speed import format_speed_table, speed_summary
 
 QUESTIONS = [{"question_id": 81, "category": "writing", "turns": ["Write a haiku.", "Now in French."]},
@@ -80,7 +80,7 @@ def test_answer_record_round_trips_in_fastchat_format(tmp_path):
 
 def test_generate_answers_two_turns_turn_two_sees_turn_one(tmp_path):
     backend = FakeBackend()
-    paths = ans.generate_answers(backend, QUESTIONS[:2], _args(tmp_path))
+    paths = ans.generate_answers(backend, QUESTIONS[:2], *ans.plan(_args(tmp_path)))
     assert [p.name for p in paths] == ["m-torch-baseline.jsonl", "m-torch-medusa.jsonl"]
     base, med = (ans.load_answers(p) for p in paths)
     assert list(base) == [81, 111] and base[81]["choices"][0]["steps"] == [6, 6]
@@ -94,12 +94,12 @@ def test_generate_answers_two_turns_turn_two_sees_turn_one(tmp_path):
 
 def test_resume_skips_answered_questions(tmp_path):
     backend = FakeBackend()
-    ans.generate_answers(backend, QUESTIONS[:2], _args(tmp_path, "--mode", "baseline"))
+    ans.generate_answers(backend, QUESTIONS[:2], *ans.plan(_args(tmp_path, "--mode", "baseline")))
     path = tmp_path / "m-torch-baseline.jsonl"
     with path.open("a") as f:
         f.write('{"question_id": 131, "answer_id": "x", "mod')  # a crash in the middle of a write
     calls = len(backend.configs)
-    ans.generate_answers(backend, QUESTIONS, _args(tmp_path, "--mode", "baseline"))
+    ans.generate_answers(backend, QUESTIONS, *ans.plan(_args(tmp_path, "--mode", "baseline")))
     assert len(backend.configs) - calls == 1 + 2  # warm-up + the two turns of question 131 only
     rows = read_jsonl(path)
     assert [r["question_id"] for r in rows] == [81, 111, 131]
@@ -107,17 +107,17 @@ def test_resume_skips_answered_questions(tmp_path):
 
 
 def test_resume_refuses_another_setup_before_generating(tmp_path):
-    ans.generate_answers(FakeBackend(), QUESTIONS[:1], _args(tmp_path, "--mode", "medusa"))
+    ans.generate_answers(FakeBackend(), QUESTIONS[:1], *ans.plan(_args(tmp_path, "--mode", "medusa")))
     backend = FakeBackend()
     with pytest.raises(ValueError, match="max_new_tokens=6, this run has max_new_tokens=9"):
-        ans.generate_answers(backend, QUESTIONS, _args(tmp_path, "--mode", "both", "--max-new-tokens", "9"))
+        ans.generate_answers(backend, QUESTIONS, *ans.plan(_args(tmp_path, "--mode", "both", "--max-new-tokens", "9")))
     assert backend.configs == [] and not (tmp_path / "m-torch-baseline.jsonl").exists()
 
 
 def test_fastchat_temperatures_per_category(tmp_path):
     backend = FakeBackend()
-    ans.generate_answers(backend, QUESTIONS, _args(tmp_path, "--mode", "baseline", "--fastchat-temperatures",
-                                                   "--temperature", "0.3", "--turns", "1"))
+    ans.generate_answers(backend, QUESTIONS, *ans.plan(_args(tmp_path, "--mode", "baseline", "--fastchat-temperatures",
+                                                   "--temperature", "0.3", "--turns", "1")))
     assert [c.temperature for c in backend.configs[1:]] == [0.7, 0.0, 0.1]  # after the warm-up
     assert ans.question_temperature("gsm8k", 0.3, True) == 0.3
     assert ans.question_temperature("writing", 0.3, False) == 0.3
@@ -185,7 +185,7 @@ def test_speed_cli_writes_json(tmp_path, capsys):
 def test_real_model_answers_both_arms(tmp_path, smol_backend):
     questions = [{"question_id": 1, "category": "math", "turns": ["What is 7 + 5?", "Now double it."]},
                  {"question_id": 2, "category": "writing", "turns": ["Name a color.", "Another one?"]}]
-    paths = ans.generate_answers(smol_backend, questions, _args(tmp_path, "--max-new-tokens", "16"))
+    paths = ans.generate_answers(smol_backend, questions, *ans.plan(_args(tmp_path, "--max-new-tokens", "16")))
     base, med = (ans.load_answers(p) for p in paths)
     for qid in (1, 2):
         b, m = base[qid]["choices"][0], med[qid]["choices"][0]
@@ -193,3 +193,45 @@ def test_real_model_answers_both_arms(tmp_path, smol_backend):
         assert b["steps"] == b["new_tokens"] and all(s <= n for s, n in zip(m["steps"], m["new_tokens"]))
         assert m["turns"] == b["turns"]  # greedy Medusa emits the baseline's tokens
     assert base[1]["setup"]["device"] == "cpu" and med[1]["setup"]["arm"] == "medusa"
+
+
+def _answers_process(model, questions, answer_dir):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cmd = [sys.executable, "-m", "my_judge.answers", "--model", str(model), "--medusa-heads", "fresh",
+           "--questions", str(questions), "--answer-dir", str(answer_dir), "--mode", "baseline",
+           "--max-new-tokens", "24", "--device", "cpu"]
+    env = dict(__import__("os").environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
+    return subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def test_kill_9_mid_run_then_rerun_equals_an_uninterrupted_run(tmp_path, smol_dir):
+    """Answers resume after kill -9 at any point: nothing lost, nothing duplicated, same answers."""
+    import signal
+    import time
+
+    from .conftest import make_hf_model
+
+    model = tmp_path / "tiny"
+    make_hf_model(model, tokenizer_from=smol_dir, vocab_size=49152)
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("".join(json.dumps({"question_id": i, "category": "writing", "turns": [f"Say {i} {w}."]})
+                                 + "\n" for i, w in enumerate(["hi", "yes", "no", "up", "down", "left", "right", "red"])))
+    whole = _answers_process(model, questions, tmp_path / "whole")
+    assert whole.wait() == 0, whole.stderr.read().decode()
+    killed = _answers_process(model, questions, tmp_path / "killed")
+    out = tmp_path / "killed" / "tiny-torch-baseline.jsonl"
+    while killed.poll() is None and not (out.exists() and out.read_bytes().count(b"\n") >= 2):
+        time.sleep(0.005)
+    killed.send_signal(signal.SIGKILL)
+    assert killed.wait() == -signal.SIGKILL, "the run ended before the kill: nothing was interrupted"
+    assert 2 <= len(read_jsonl(out)) < 8
+    rerun = _answers_process(model, questions, tmp_path / "killed")
+    assert rerun.wait() == 0, rerun.stderr.read().decode()
+    got = {r["question_id"]: r["choices"][0]["turns"] for r in read_jsonl(out)}
+    want = {r["question_id"]: r["choices"][0]["turns"]
+            for r in read_jsonl(tmp_path / "whole" / "tiny-torch-baseline.jsonl")}
+    assert len(read_jsonl(out)) == 8 and got == want

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from my_judge import gsm8k
-from my_judge.jsonl import append_jsonl
+from medusa.core.io import append_jsonl
 
 
 @pytest.mark.parametrize("text, number", [

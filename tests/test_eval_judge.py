@@ -7,7 +7,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from my_judge import judge as jd
-from my_judge.jsonl import append_jsonl, read_jsonl
+from medusa.core.io import append_jsonl, read_jsonl
 from my_judge.results import collect, format_results, pairwise_results
 
 QUESTIONS = [{"question_id": 81, "category": "writing", "turns": ["Write a haiku.", "Now in French."]},

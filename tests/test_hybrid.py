@@ -1,17 +1,18 @@
-"""The hybrid backend: Jittor heads mirror the PyTorch heads; greedy output equals the baseline."""
+"""The hybrid backend: Jittor heads mirror the PyTorch heads (on every device), checkpoints cross both
+ways, Jittor training learns (greedy output of all three backends: ``test_jittor_all``)."""
 import numpy as np
 import pytest
 import torch
 
 from medusa.core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from medusa.core.config import GenerationConfig, MedusaConfig
-from medusa.core.engine import generate_ids
-from medusa.core.prompts import encode_prompt, stop_token_ids
+from medusa.core.config import MedusaConfig
 from medusa.heads import MedusaHeads as TorchHeads
 from medusa.heads import heads_from_state as torch_heads_from_state
 
-jt_heads = pytest.importorskip("medusa_jittor.heads")
-from medusa_jittor.runtime import jt  # noqa: E402
+from .conftest import import_jittor_or_skip
+
+jt = import_jittor_or_skip()
+import medusa_jittor.heads as jt_heads  # noqa: E402
 
 
 def random_torch_heads(config, h=32, v=50):
@@ -24,22 +25,24 @@ def random_torch_heads(config, h=32, v=50):
 
 
 @pytest.mark.parametrize("shared", [False, True])
-def test_jittor_heads_match_torch_heads(shared):
+def test_jittor_heads_match_torch_heads(shared, jt_device):
     config = MedusaConfig(3, 2, shared_lm_head=shared)
     th = random_torch_heads(config)
     jh = jt_heads.heads_from_state(config, th.numpy_state(), 32, 50)
     lm = torch.nn.Linear(32, 50, bias=False)
     jlm = jt.nn.Linear(32, 50, bias=False)
     jlm.weight.assign(jt.array(lm.weight.detach().numpy()))
-    x = torch.randn(7, 32)
+    th, lm, x = th.to(jt_device), lm.to(jt_device), torch.randn(7, 32)
     with torch.no_grad():
-        want = th(x, lm).numpy()
+        want = th(x.to(jt_device), lm).cpu().numpy()
     got = jh(jt.array(x.numpy()), jlm).numpy()
     assert np.abs(got - want).max() / np.abs(want).max() <= 1e-5
-    assert (jh.topk(jt.array(x[0].numpy()), jlm).numpy() == th.topk(x[0], lm).numpy()).all()
-    partial = th.topk(x[0], lm, depth=2, k=3)  # only what a tree uses: 2 heads, 3 ranks, zero-padded
-    assert partial.shape == (2, 10) and (partial[:, 3:] == 0).all() and (partial[:, :3] == th.topk(x[0], lm)[:2, :3]).all()
-    assert (jh.topk(jt.array(x[0].numpy()), jlm, 2, 3).numpy() == partial.numpy()).all()
+    x, x0 = x.to(jt_device), jt.array(x[0].numpy())
+    assert (jh.topk(x0, jlm).numpy() == th.topk(x[0], lm).cpu().numpy()).all()
+    partial = th.topk(x[0], lm, depth=2, k=3).cpu()  # only what a tree uses: 2 heads, 3 ranks, zero-padded
+    assert partial.shape == (2, 10) and (partial[:, 3:] == 0).all()
+    assert (partial[:, :3] == th.topk(x[0], lm)[:2, :3].cpu()).all()
+    assert (jh.topk(x0, jlm, 2, 3).numpy() == partial.numpy()).all()
 
 
 def test_checkpoint_round_trip_torch_jittor_torch_is_bit_exact(tmp_path):
@@ -81,3 +84,38 @@ def test_tiny_jittor_training_run_learns(tmp_path):
     assert metrics["train_tokens_per_second"] > 0
     config, state = load_checkpoint(tmp_path / "out")  # the PyTorch side reads what Jittor wrote
     torch_heads_from_state(config, state, 32, 64, torch.float32, "cpu")
+
+
+def test_a_killed_child_or_ctrl_c_does_not_end_a_process_that_imported_jittor():
+    """Jittor's own SIGCHLD/SIGINT handlers exit(1) silently when any child dies of a signal: a test
+    runner, server or recipe that kills a child would die with it, and Ctrl-C would skip cleanup."""
+    import subprocess
+    import sys
+
+    script = """
+import signal, subprocess, os
+from medusa_jittor.runtime import jt
+child = subprocess.Popen(["sleep", "30"])
+child.kill()
+assert child.wait() == -signal.SIGKILL
+try:
+    os.kill(os.getpid(), signal.SIGINT)
+    import time; time.sleep(1)
+except KeyboardInterrupt:
+    print("survived")
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and run.stdout.strip() == "survived", run.stderr[-2000:]
+
+
+def test_importing_jittor_keeps_pythons_recursion_limit():
+    """Jittor sets it to 10^6: deep recursion then overflows the C stack (a segfault) instead of
+    raising RecursionError, e.g. for a deeply nested JSON body sent to the server."""
+    import subprocess
+    import sys
+
+    script = "import sys; before = sys.getrecursionlimit(); from medusa_jittor.runtime import jt; " \
+             "print(before, sys.getrecursionlimit())"
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    before, after = run.stdout.split()
+    assert run.returncode == 0 and before == after, run.stderr[-2000:]

@@ -1,6 +1,7 @@
 """The full-Jittor backend: Jittor Llama vs HF and our PyTorch Llama, tree verification, the fixed-shape
 cache (no recompilation after warm-up), acceptance semantics vs the PyTorch reference, and greedy
-output equal to the baseline in all three backends."""
+output equal to the baseline in all three backends.  Device-path tests run on the CPU and on CUDA
+(``jt_device``); the CPU loop-nest kernels are compared with the op graph, which CUDA runs instead."""
 import numpy as np
 import pytest
 import torch
@@ -12,20 +13,21 @@ from medusa.core.engine import generate_ids
 from medusa.core.prompts import encode_prompt, stop_token_ids
 from medusa.core.trees import TOPK, named_trees, validate
 from medusa.core.trees import resolve as resolve_tree
-from medusa.decoding import TorchTree
 from medusa.decoding import evaluate_posterior as torch_posterior
 
-jtl = pytest.importorskip("medusa_jittor_all.llama")
-from medusa_jittor.heads import MedusaHeads  # noqa: E402
-from medusa_jittor.runtime import jt  # noqa: E402
-from medusa_jittor_all.backend import JittorDecoder  # noqa: E402
-from medusa_jittor_all.decoding import (JittorTree, additive_mask, evaluate_posterior,  # noqa: E402
-                                        generate_candidates, tree_decode)
+from .conftest import import_jittor_or_skip, make_hf_model
+from .test_decoding import NUCLEUS_DRAWS, PATHS, assert_follows, first_two, nucleus_case
+from .test_decoding import TREE as TORCH_TREE
+from .test_decoding import V, peaked
+from .test_llama import VARIANTS
 
-from .conftest import make_hf_model  # noqa: E402
-from .test_decoding import TREE as TORCH_TREE  # noqa: E402
-from .test_decoding import V, peaked  # noqa: E402
-from .test_llama import VARIANTS  # noqa: E402
+jt = import_jittor_or_skip()
+import medusa_jittor_all.llama as jtl  # noqa: E402
+from medusa_jittor.heads import MedusaHeads  # noqa: E402
+from medusa_jittor_all.backend import JittorDecoder  # noqa: E402
+from medusa_jittor_all.decoding import JittorTree, additive_mask, evaluate_posterior, tree_decode  # noqa: E402
+from medusa_jittor_all.kernels import (attend, attend_ops, rms_norm, rms_norm_ops, split_heads,  # noqa: E402
+                                       split_heads_ops)
 
 
 def jt_prefill(model, ids, cache):
@@ -44,7 +46,7 @@ def logits_np(model, hidden):
 
 
 @pytest.mark.parametrize("variant", ["llama-gqa", "llama-tied-mha", "llama3-rope-scaling", "qwen2-bias"])
-def test_jittor_logits_match_hf(tmp_path, variant):
+def test_jittor_logits_match_hf(tmp_path, variant, jt_device):
     model_type, overrides = VARIANTS[variant]
     hf = make_hf_model(tmp_path, model_type, **overrides)
     ours = jtl.load_llama(tmp_path)
@@ -55,37 +57,68 @@ def test_jittor_logits_match_hf(tmp_path, variant):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("heads,kv,t", [(9, 3, 1), (9, 3, 7), (4, 4, 5), (8, 2, 33)])
-def test_attention_kernel_equals_the_op_graph(heads, kv, t):
-    from medusa_jittor_all.kernels import attend, attend_ops
+def kernel_keys(run):
+    """The set of Jittor kernels (jit keys) that ``run()`` executes: a new key is a new compilation."""
+    jt.profiler.start(0, 0)
+    run()
+    jt.profiler.stop()
+    return {row[0] for row in jt.profiler.report()[1:]}
 
+
+def traced(fn, *args):
+    """(fn's outputs as numpy arrays, whether it ran a CPU loop-nest kernel, i.e. a ``jt.code`` op)."""
+    outs = []
+
+    def run():
+        result = fn(*args)
+        outs.extend(o.numpy() for o in (result if isinstance(result, tuple) else (result,)))
+
+    return outs, any(key.startswith("code") for key in kernel_keys(run))
+
+
+def against_the_other_path(fn, fn_ops, *args):
+    """``fn`` on the test's device against the other implementation of it: the op graph where ``fn``
+    ran the CPU kernel, the CPU kernel where ``fn`` ran the op graph (CUDA): never a path against itself."""
+    got, got_kernel = traced(fn, *args)
+    assert got_kernel == (not jt.flags.use_cuda), "the CPU runs the loop-nest kernel, CUDA the op graph"
+    if got_kernel:
+        want, want_kernel = traced(fn_ops, *args)
+    else:
+        with jt.flag_scope(use_cuda=0):
+            want, want_kernel = traced(fn, *args)
+    assert want_kernel != got_kernel
+    return got, want
+
+
+@pytest.mark.parametrize("heads,kv,t", [(9, 3, 1), (9, 3, 7), (4, 4, 5), (8, 2, 33)])
+def test_attention_kernel_equals_the_op_graph(jt_device, heads, kv, t):
     rng = np.random.default_rng(t)
     length, width, cap = 40, 96, 128  # committed entries, window, cache capacity
     q = jt.array(rng.standard_normal((1, heads, t, 16)).astype(np.float32))
     keys, values = (jt.array(rng.standard_normal((1, kv, cap, 16)).astype(np.float32)) for _ in range(2))
     block = (rng.random((t, t)) < 0.5) | np.eye(t, dtype=bool)  # any block; every query sees itself
     mask = additive_mask(length, block, width)
-    got, want = attend(q, keys, values, mask).numpy(), attend_ops(q, keys, values, mask).numpy()
+    [got], [want] = against_the_other_path(attend, attend_ops, q, keys, values, mask)
     assert got.shape == (1, t, heads * 16)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("heads,kv,t", [(9, 3, 1), (4, 4, 6), (8, 2, 33)])
-def test_rope_split_and_rms_norm_kernels_equal_the_op_graph(heads, kv, t):
-    from medusa_jittor_all.kernels import rms_norm, rms_norm_ops, split_heads, split_heads_ops
-
+def test_rope_split_and_rms_norm_kernels_equal_the_op_graph(jt_device, heads, kv, t):
     rng = np.random.default_rng(t)
     qkv = jt.array(rng.standard_normal((2, t, (heads + 2 * kv) * 16)).astype(np.float32))
     angles = rng.random((t, 8)) * 6
     cos, sin = (jt.array(np.concatenate([f(angles)] * 2, -1).astype(np.float32)) for f in (np.cos, np.sin))
-    for got, want in zip(split_heads(qkv, cos, sin, heads, kv), split_heads_ops(qkv, cos, sin, heads, kv)):
-        assert got.shape == want.shape
-        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-6, atol=1e-6)
+    got, want = against_the_other_path(split_heads, split_heads_ops, qkv, cos, sin, heads, kv)
+    assert [g.shape for g in got] == [w.shape for w in want] and len(got) == 3
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
     x, w = jt.array(rng.standard_normal((2, t, 48)).astype(np.float32)), jt.array(rng.random(48).astype(np.float32))
-    np.testing.assert_allclose(rms_norm(x, w, 1e-5).numpy(), rms_norm_ops(x, w, 1e-5).numpy(), rtol=1e-5, atol=1e-6)
+    [got], [want] = against_the_other_path(rms_norm, rms_norm_ops, x, w, 1e-5)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_decode_across_window_buckets_matches_full_forward(tiny_dir):
+def test_decode_across_window_buckets_matches_full_forward(tiny_dir, jt_device):
     model = jtl.load_llama(tiny_dir)
     ids = [(7 * i) % 251 for i in range(140)]  # crosses window buckets (WINDOW = 32)
     full = logits_np(model, jt_prefill(model, ids, jtl.KVCache(model.args, 256)))
@@ -97,7 +130,7 @@ def test_decode_across_window_buckets_matches_full_forward(tiny_dir):
 
 
 @pytest.mark.parametrize("name", ["mc_sim_7b_63", "cpu_medium"])
-def test_tree_logits_equal_sequential_logits(tiny_dir, name):
+def test_tree_logits_equal_sequential_logits(tiny_dir, name, jt_device):
     model = jtl.load_llama(tiny_dir)
     tree = JittorTree.from_buffers(build_buffers(validate(named_trees()[name])))
     prompt = [5, 17, 33, 2, 99, 7]
@@ -115,7 +148,7 @@ def test_tree_logits_equal_sequential_logits(tiny_dir, name):
         np.testing.assert_allclose(tree_logits[node], ref, rtol=1e-4, atol=1e-4)
 
 
-JT_TREE = JittorTree.from_buffers(build_buffers(validate([(0,), (1,), (0, 0), (0, 0, 0)])))
+JT_TREE = JittorTree.from_buffers(build_buffers(validate(PATHS)))
 
 
 def both_posteriors(logits, cfg):
@@ -137,17 +170,17 @@ def test_greedy_and_typical_posteriors_match_the_torch_reference():
     assert got[1] == want[1] == 0
 
 
-def test_jittor_nucleus_walk_reproduces_sequential_sampling():
-    cfg = GenerationConfig(temperature=1.0, top_p=1.0, acceptance="nucleus")
-    probs0 = np.array([0.0, 0.5, 0.3, 0.2, 0, 0, 0, 0])
-    logits = jt.array(np.log(np.maximum(probs0, 1e-12))[None].repeat(5, 0).astype(np.float32))
-    cands = np.array([0, 1, 2, 3, 4], np.int32)
-    rng = np.random.default_rng(0)
-    counts = np.zeros(V)
-    for _ in range(3000):
-        best, length, bonus = evaluate_posterior(logits, cands, JT_TREE, cfg, rng)
-        counts[cands[JT_TREE.buffers.retrieve_indices[best, 1]] if length else bonus] += 1
-    np.testing.assert_allclose(counts / counts.sum(), probs0, atol=0.03)
+@pytest.mark.parametrize("top_p", [1.0, 0.7])
+def test_jittor_nucleus_walk_reproduces_sequential_sampling(top_p):
+    """The joint law of the first two emitted tokens (see ``test_decoding.nucleus_case``)."""
+    cfg = GenerationConfig(temperature=1.0, top_p=top_p, acceptance="nucleus")
+    logits, law = nucleus_case(top_p)
+    logits, cands, rng = jt.array(logits), np.arange(5, dtype=np.int32), np.random.default_rng(0)
+    counts = {}
+    for _ in range(NUCLEUS_DRAWS):
+        outcome = first_two(JT_TREE.buffers.retrieve_indices, *evaluate_posterior(logits, cands, JT_TREE, cfg, rng))
+        counts[outcome] = counts.get(outcome, 0) + 1
+    assert_follows(counts, law, NUCLEUS_DRAWS)
 
 
 class OracleHeads:
@@ -177,15 +210,7 @@ def test_oracle_heads_accept_whole_paths_and_output_equals_baseline(tiny_dir):
     assert max(s.accepted for s in steps) == 4 and len(steps) < len(base) / 3
 
 
-def kernel_keys(run):
-    """The set of Jittor kernels (jit keys) that ``run()`` executes: a new key is a new compilation."""
-    jt.profiler.start(0, 0)
-    run()
-    jt.profiler.stop()
-    return {row[0] for row in jt.profiler.report()[1:]}
-
-
-def test_no_recompilation_after_warm_up(tiny_dir):
+def test_no_recompilation_after_warm_up(tiny_dir, jt_device):
     model = jtl.load_llama(tiny_dir)
     tree = JittorTree.from_buffers(build_buffers(resolve_tree("cpu_medium", FRESH_HEADS.medusa_num_heads)))
     heads = MedusaHeads(FRESH_HEADS, model.args.hidden_size, model.args.vocab_size)
@@ -199,6 +224,8 @@ def test_no_recompilation_after_warm_up(tiny_dir):
 
     warm = kernel_keys(lambda: run(40))
     steady = kernel_keys(lambda: run(220))  # crosses many window buckets
+    assert len(warm) >= 10, "the profiler saw no kernels: the comparison below would be vacuous"
+    assert any(k.startswith("code") for k in warm) == (jt_device == "cpu")  # the CPU loop nests ran too
     assert steady <= warm, sorted(steady - warm)[:3]
 
 
@@ -247,7 +274,8 @@ def test_jittor_hidden_states_fill_the_same_cache_as_torch(tiny_dir, tmp_path):
     from medusa_jittor_all.train import jittor_backbone
 
     examples = [Example(list(range(5, 25)), [-100] * 10 + list(range(15, 25))), Example([9, 8, 7, 6], [-100, 8, 7, 6])]
-    jt_fn, tag = jittor_backbone(None, tiny_dir)
+    backbone = jittor_backbone()
+    jt_fn, tag = backbone.load(tiny_dir), backbone.tag
     build_cache(jt_fn, 64, examples, tmp_path / "jt")
     build_cache(torch_hidden_fn(torch_load(tiny_dir)), 64, examples, tmp_path / "torch")
     a, b = (np.load(shard_files(tmp_path / d)[0]) for d in ("jt", "torch"))
@@ -269,7 +297,14 @@ def test_jittor_backbone_training_end_to_end(tmp_path):
     metrics = main(["--data", str(data), "--out", str(tmp_path / "heads"), "--cache-dir", str(tmp_path / "cache"),
                     "--max-length", "64", "--eval-fraction", "0.2", "--epochs", "2", "--batch-tokens", "128",
                     "--num-heads", "2", "--token-map-size", "32"])
-    assert metrics["train_tokens_per_second"] > 0 and len(metrics["top1"]) == 2
+    assert metrics["train_tokens_per_second"] > 0 and len(metrics["top1"]) == 2 and metrics["tokens"] > 0
+    assert min(metrics["top1"]) > 2 / 32, metrics["top1"]  # held out; chance is 1/32 (the token map)
     config = json.loads((tmp_path / "heads" / "config.json").read_text())
     assert config["token_map"] == "token_map.json"  # trained over the 32 most frequent targets
     assert len(json.loads((tmp_path / "heads" / "token_map.json").read_text())["ids"]) == 32
+    torch_backend = load_backend("torch", heads=str(tmp_path / "heads"), dtype="float32", device="cpu")
+    assert torch_backend.describe()["num_heads"] == 2  # PyTorch reads what the Jittor trainer wrote
+    ids = encode_prompt(torch_backend.tokenizer, [{"role": "user", "content": "Count from 3 to 12."}])
+    cfg = GenerationConfig(max_new_tokens=24, stop_token_ids=stop_token_ids(torch_backend.tokenizer))
+    assert generate_ids(torch_backend.decoder, ids, cfg)[0] == generate_ids(torch_backend.decoder, ids,
+                                                                          cfg.with_(medusa=False))[0]

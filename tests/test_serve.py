@@ -16,18 +16,24 @@ from medusa.core.backends import BackendError
 from medusa.core.config import GenerationConfig
 from medusa.core.engine import Step
 from medusa.core.prompts import encode_prompt, stop_token_ids
-from medusa.serve import ServerConfig, TextStream, create_app
+from medusa.core.text import TextStream
+from medusa.serve import ServerConfig, create_app
 
 MODEL = "scripted"
 
 
 class CharTokenizer:
-    """One token per character (id = code point); id 0 is EOS."""
+    """One token per character (id = code point); id 0 is EOS.  Like Hugging Face's fast tokenizers,
+    it refuses text that is not valid Unicode (a lone surrogate) with a TypeError."""
 
     eos_token_id = 0
     chat_template = "role: content lines"
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise TypeError("TextEncodeInput must be Union[TextInputSequence, Tuple[InputSequence, InputSequence]]")
         return [ord(c) for c in text]
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True, clean_up_tokenization_spaces: bool = False) -> str:
@@ -71,7 +77,7 @@ class ScriptedBackend:
 @pytest.fixture()
 def scripted():
     backend = ScriptedBackend()
-    config = ServerConfig(MODEL, GenerationConfig(max_new_tokens=64, stop_token_ids=(0,)), max_len=64)
+    config = ServerConfig(MODEL, GenerationConfig(max_new_tokens=32, stop_token_ids=(0,)), max_len=64)
     with TestClient(create_app(backend, config)) as client:
         yield backend, client
 
@@ -94,7 +100,7 @@ def test_text_stream_holds_back_possible_stop_strings():
 
 def test_chat_and_completion_shapes(scripted):
     backend, client = scripted
-    body = client.post("/v1/chat/completions", json=_chat(max_tokens=50)).json()
+    body = client.post("/v1/chat/completions", json=_chat(max_tokens=40)).json()
     assert body["object"] == "chat.completion" and body["model"] == MODEL
     assert body["choices"][0]["message"] == {"role": "assistant", "content": "Hello world. Bye."}
     assert body["choices"][0]["finish_reason"] == "stop"
@@ -112,7 +118,7 @@ def test_request_options_reach_the_engine(scripted):
     client.post("/v1/completions", json={"model": MODEL, "prompt": "x"})
     asked, default = backend.configs
     assert (asked.temperature, asked.top_p, asked.seed, asked.max_new_tokens) == (0.7, 0.9, 3, 7)
-    assert (default.temperature, default.top_p, default.max_new_tokens) == (0.0, 1.0, 64)
+    assert (default.temperature, default.top_p, default.max_new_tokens) == (0.0, 1.0, 32)
     assert default.stop_token_ids == (0,)
 
 
@@ -164,10 +170,12 @@ def test_other_errors(scripted):
 
 def test_generation_errors_are_500_and_the_server_keeps_serving(scripted):
     backend, client = scripted
-    backend.fail = RuntimeError("device lost")
+    backend.fail = RuntimeError("device lost reading /srv/models/heads.safetensors")
     resp = client.post("/v1/chat/completions", json=_chat())
     assert resp.status_code == 500
-    assert resp.json()["error"]["type"] == "server_error" and "device lost" in resp.json()["error"]["message"]
+    error = resp.json()["error"]
+    assert error["type"] == "server_error" and "RuntimeError" in error["message"]
+    assert "/srv" not in error["message"]  # exception texts stay in the server log: they can name server paths
     assert client.post("/v1/chat/completions", json=_chat()).status_code == 200
 
 

@@ -1,4 +1,4 @@
-"""Real-model tests on the embedded SmolLM2-135M-Instruct (fp32, CPU)."""
+"""Real-model tests on the embedded SmolLM2-135M-Instruct (fp32; CPU, and CUDA where present)."""
 import json
 import subprocess
 import sys
@@ -53,14 +53,16 @@ def _chat(tok, text):
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
-def test_greedy_medusa_equals_baseline(smol_backend, prompt):
-    tok = smol_backend.tokenizer
+def test_greedy_medusa_equals_baseline(smol_on_device, prompt):
+    backend = smol_on_device
+    tok = backend.tokenizer
     cfg = GenerationConfig(max_new_tokens=80, stop_token_ids=stop_token_ids(tok))
     ids = _chat(tok, prompt)
-    base, base_steps = generate_ids(smol_backend.decoder, ids, cfg.with_(medusa=False))
-    med, med_steps = generate_ids(smol_backend.decoder, ids, cfg)
+    base, base_steps = generate_ids(backend.decoder, ids, cfg.with_(medusa=False))
+    med, med_steps = generate_ids(backend.decoder, ids, cfg)
     assert med == base
     assert len(base) >= 8 and len(base_steps) == len(base)
+    assert len(med_steps) < len(med)  # the shipped heads got tokens accepted: fewer steps than tokens
 
 
 def oracle_heads(reference, prompt_len, decoder, num_heads=4):
@@ -160,13 +162,15 @@ def test_tree_search_writes_a_tree_the_backend_then_uses(tmp_path, smol_backend)
 
 
 @pytest.mark.parametrize("acceptance", ["typical", "nucleus"])
-def test_sampled_medusa_is_seeded_and_well_formed(smol_backend, acceptance):
-    tok = smol_backend.tokenizer
+def test_sampled_medusa_is_seeded_and_well_formed(smol_on_device, acceptance):
+    backend = smol_on_device
+    tok = backend.tokenizer
     ids = _chat(tok, PROMPTS[2])
     cfg = GenerationConfig(max_new_tokens=40, temperature=0.8, top_p=0.9, acceptance=acceptance, seed=7,
                            stop_token_ids=stop_token_ids(tok))
-    first, steps = generate_ids(smol_backend.decoder, ids, cfg)
-    again, _ = generate_ids(smol_backend.decoder, ids, cfg)
+    first, steps = generate_ids(backend.decoder, ids, cfg)
+    again, _ = generate_ids(backend.decoder, ids, cfg)
     assert first == again and 0 < len(first) <= 40
-    assert all(0 <= t < smol_backend.model.args.vocab_size for t in first)
+    assert all(0 <= t < backend.model.args.vocab_size for t in first)
     assert sum(len(s.tokens) for s in steps) == len(first)
+    assert generate_ids(backend.decoder, ids, cfg.with_(seed=8))[0] != first  # it samples: no greedy fallback

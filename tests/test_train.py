@@ -1,5 +1,6 @@
 """Head training: target alignment, loss, a tiny run that learns, tree search, checkpoint compatibility."""
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -11,7 +12,8 @@ from medusa.core.config import MedusaConfig
 from medusa.core.trees import TOPK, chain, validate
 from medusa.heads import MedusaHeads, heads_from_state
 from medusa.train.dataset import IGNORE_INDEX, tokenize_conversation
-from medusa.train.trainer import OUTSIDE, TokenData, TrainConfig, head_targets, medusa_loss, remap_targets, train
+from medusa.train.trainer import (OUTSIDE, TokenData, TrainConfig, head_targets, latest_resume_state, medusa_loss,
+                                  remap_targets, train)
 from medusa.train.tree_search import choose_tree, expected_accept_length, greedy_tree
 
 X = IGNORE_INDEX
@@ -63,6 +65,7 @@ def synthetic_cache(tmp_path, vocab=64, hidden=32, n=3000):
 
 
 def test_tiny_training_run_learns(tmp_path):
+    torch.manual_seed(0)  # the heads' initial biases
     cache = synthetic_cache(tmp_path / "cache")
     data = TokenData(cache, num_heads=1)
     heads = MedusaHeads(MedusaConfig(1, 1, shared_lm_head=False), 32, 64)
@@ -72,7 +75,7 @@ def test_tiny_training_run_learns(tmp_path):
     metrics = train(heads, lm_head, data, data, cfg, tmp_path / "out", "tiny")
     assert metrics["top1"][0] > 0.5  # chance is 1/64
     cfg2, state = load_checkpoint(tmp_path / "out")
-    assert cfg2.medusa_num_heads == 1 and (tmp_path / "out" / "trainer_state.pt").exists()
+    assert cfg2.medusa_num_heads == 1 and latest_resume_state(tmp_path / "out").name == "step-00000072"
     resumed = train(heads, lm_head, data, data, cfg, tmp_path / "out", "tiny")  # already complete: no new steps
     assert resumed["top1"][0] == pytest.approx(metrics["top1"][0])
 
@@ -87,6 +90,7 @@ def test_remap_targets_to_token_map_rows():
 
 
 def test_training_over_a_token_map_learns_and_counts_unmapped_targets_as_misses(tmp_path):
+    torch.manual_seed(0)  # the heads' initial biases
     cache = synthetic_cache(tmp_path / "cache")
     vocab = np.arange(0, 64, 2)  # half of the vocabulary
     labels = np.load(cache / "shard-00000.npz")["labels"][2:]
@@ -197,3 +201,50 @@ def test_cli_trains_over_a_token_map_and_evaluates_with_it(tmp_path):
     assert again["top1"] == pytest.approx(trained["top1"], abs=1e-6)
     with pytest.raises(ValueError, match="token-map-size"):
         main(args[:-1] + ["16"])  # resuming with another map size
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
+    """Two accumulated micro-batches of B positions are one optimiser step on their 2B positions:
+    same update, and the schedule counts optimiser steps, not micro-batches."""
+    data = TokenData(synthetic_cache(tmp_path / "cache", n=2050), num_heads=1)  # 2048 positions: 8 x 256
+    cfg = TrainConfig(num_heads=1, num_layers=1, shared_lm_head=False, epochs=2, batch_tokens=256, lr=1e-2,
+                      bf16=False, save_every=1000)
+
+    def final_heads(name, **changes):
+        torch.manual_seed(0)
+        heads, lm_head = MedusaHeads(MedusaConfig(1, 1, shared_lm_head=False), 32, 64), nn.Linear(32, 64, bias=False)
+        metrics = train(heads, lm_head, data, None, replace(cfg, **changes), tmp_path / name, "tiny")
+        return load_checkpoint(tmp_path / name)[1], metrics
+
+    accumulated, metrics = final_heads("accumulated", grad_accum=2)
+    large, _ = final_heads("large", batch_tokens=512)
+    small, _ = final_heads("small")
+    assert metrics["steps"] == 8 and metrics["positions_per_step"] == 512
+    for key in accumulated:
+        np.testing.assert_allclose(accumulated[key], large[key], rtol=0, atol=1e-5, err_msg=key)
+    assert any(np.abs(accumulated[k] - small[k]).max() > 1e-3 for k in small)
+
+
+def test_token_data_maps_the_hidden_states_instead_of_loading_them(tmp_path):
+    """A cache far larger than RAM must still train: TokenData keeps targets, not hidden states."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    tokens, hidden = 8192, 512  # 8 MB of fp16 hidden states per shard
+    for n in range(2):
+        labels = rng.integers(0, 100, tokens).astype(np.int32)
+        np.savez(tmp_path / f"shard-{n:05d}.npz", hidden=rng.standard_normal((tokens, hidden)).astype(np.float16),
+                 ids=labels, labels=labels, offsets=np.array([0, tokens]))
+    tracemalloc.start()
+    data = TokenData(tmp_path, num_heads=2)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 4 * 2**20, f"{peak / 2**20:.0f} MB held for {2 * tokens * hidden * 2 / 2**20:.0f} MB of hidden states"
+    order = data.order(seed=0)
+    got, _ = data.batch(order, 3, 100)
+    rows = order[300:400]
+    shard1 = np.load(tmp_path / "shard-00001.npz")["hidden"]
+    kept_per_shard = tokens - 2  # the last two positions of each shard train no head
+    want = [shard1[r - kept_per_shard] if r >= kept_per_shard else np.load(tmp_path / "shard-00000.npz")["hidden"][r]
+            for r in rows]
+    np.testing.assert_array_equal(got, np.asarray(want, dtype=np.float32))

@@ -1,9 +1,11 @@
 """Training data: tolerant ShareGPT reading and resumable self-distillation."""
 import json
+import logging
 
 import pytest
 
-from medusa.train.data import iter_jsonl, load_conversations, normalise
+from medusa.core.io import read_jsonl
+from medusa.train.data import load_conversations, normalise
 
 GOOD = {"id": "a", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}
 ROLES = {"messages": [{"role": "system", "content": "be nice"}, {"role": "user", "content": "hey"}]}
@@ -25,6 +27,18 @@ def test_jsonl_and_role_content_messages(tmp_path):
     assert len(convs) == 2 and skipped == 1 and convs[1].messages[0]["role"] == "system"
 
 
+def test_malformed_item_in_the_middle_is_counted_and_reading_goes_on(tmp_path, caplog):
+    good = [json.dumps(dict(GOOD, id=f"g{i}"), indent=1) for i in range(4)]
+    broken = '{"id": "bad", "conversations": [{"from": "human", "value": "a "quoted" word"}]}'
+    f = tmp_path / "sharegpt.json"
+    f.write_text("[\n" + ",\n".join(good[:2] + [broken] + good[2:]) + "\n]")
+    with caplog.at_level(logging.INFO, logger="medusa.train.data"):
+        convs, skipped = load_conversations(f)
+    assert [c.id for c in convs] == ["g0", "g1", "g2", "g3"] and skipped == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "1 items that are not valid JSON" in warnings[0]
+
+
 @pytest.mark.parametrize("turns", [
     [{"from": "gpt", "value": "starts with the model"}],
     [{"from": "human", "value": "a"}, {"from": "human", "value": "b"}],
@@ -34,12 +48,6 @@ def test_jsonl_and_role_content_messages(tmp_path):
 ])
 def test_malformed_conversations_are_filtered(turns):
     assert normalise({"conversations": turns}, "x") is None
-
-
-def test_iter_jsonl_skips_a_half_written_last_line(tmp_path):
-    f = tmp_path / "out.jsonl"
-    f.write_text('{"id": 1}\n{"id": 2}\n{"id": 3')
-    assert [r["id"] for r in iter_jsonl(f)] == [1, 2]
 
 
 def test_self_distillation_resumes_after_interruption(tmp_path, smol_dir):
@@ -60,6 +68,6 @@ def test_self_distillation_resumes_after_interruption(tmp_path, smol_dir):
     with out.open("a") as f:
         f.write('{"id": "half-writ')  # a crash in the middle of a write
     assert distill(model, tok, convs, out, batch_size=2, max_new_tokens=4) == 2
-    records = list(iter_jsonl(out))
+    records = read_jsonl(out)
     assert sorted(r["id"] for r in records) == [f"c{i}" for i in range(5)]
     assert out.read_text().endswith("\n") and all(r["messages"][-1]["role"] == "assistant" for r in records)

@@ -11,20 +11,15 @@ from __future__ import annotations
 
 import importlib
 import logging
-from pathlib import Path
 from typing import Any, Iterator, Optional, Protocol
 
 from . import engine
 from .buffers import TreeBuffers, build_buffers
-from .checkpoint import StateDict, load_checkpoint
 from .config import GenerationConfig, MedusaConfig
 from .engine import Step
-from .models import resolve_model, shipped_heads
-from .trees import resolve as resolve_tree
+from .resolve import FRESH_HEADS, Resolved, resolve  # noqa: F401 (FRESH_HEADS: re-exported)
 
 log = logging.getLogger(__name__)
-DEFAULT_TREE = "cpu_small"
-FRESH_HEADS = MedusaConfig(medusa_num_heads=4, medusa_num_layers=1, shared_lm_head=True)
 
 BACKENDS: dict[str, str] = {
     "torch": "medusa.backend:TorchBackend",
@@ -67,47 +62,38 @@ def load_backend(name: str, **options: Any) -> Backend:
 
 
 class BackendBase:
-    """The framework-free half of every backend: model directory, tokenizer, heads checkpoint,
-    tree choice and the engine loop.  Subclasses set ``self.decoder`` (an ``engine.Decoder``)."""
+    """The framework-free half of every backend: what ``core.resolve`` decided (model directory,
+    heads, token map, tree), the tokenizer and the engine loop.  Subclasses set ``self.decoder``
+    (an ``engine.Decoder``) and turn ``self.resolved.heads_state`` into their framework's heads."""
 
     name = "base"
     decoder: engine.Decoder
+    resolved: Resolved
 
-    def _locate(self, model: str, heads: Optional[str]) -> None:
-        """``heads``: a checkpoint dir; None = the heads shipped for ``model`` (if any); "fresh" = untrained."""
+    def _resolve(self, model: Optional[str], heads: Optional[str], tree: Optional[str], device: str) -> Resolved:
         from transformers import AutoTokenizer
 
-        self.model_name, self.model_dir = model, resolve_model(model)
+        self.resolved = resolve(model, heads, tree, self.name, device)
+        self.model_name, self.model_dir = self.resolved.model, self.resolved.model_dir
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        self.heads_path = shipped_heads(model) if heads is None else None if heads == "fresh" else Path(heads)
+        return self.resolved
 
-    def _heads_checkpoint(self) -> tuple[MedusaConfig, Optional[StateDict]]:
-        """The heads' config and numpy weights; (fresh config, None) when there is no checkpoint."""
-        if self.heads_path is None:
-            log.warning("no Medusa heads for %s: using freshly initialised heads (expect little speed-up)",
-                        self.model_name)
-            return FRESH_HEADS, None
-        return load_checkpoint(self.heads_path)
+    @property
+    def heads_config(self) -> MedusaConfig:
+        return self.resolved.heads_config
 
-    def _tree(self, tree: Optional[str], heads_config: MedusaConfig) -> TreeBuffers:
-        """``tree``, else the tree measured for this backend beside the heads (``tree-NAME.json``,
-        step latency differs between frameworks), else the one their config.json names (a named tree
-        or a file beside the heads), else DEFAULT_TREE; trimmed to the number of heads."""
-        named = heads_config.tree
-        own = self.heads_path / f"tree-{self.name}.json" if self.heads_path is not None else None
-        if own is not None and own.is_file():
-            named = str(own)
-        elif named and self.heads_path is not None and (self.heads_path / named).is_file():
-            named = str(self.heads_path / named)
-        self.tree_name = tree or named or DEFAULT_TREE
-        return build_buffers(resolve_tree(self.tree_name, heads_config.medusa_num_heads))
+    @property
+    def tree_name(self) -> str:
+        return self.resolved.tree_name
+
+    def tree_buffers(self) -> TreeBuffers:
+        return build_buffers(self.resolved.tree)
 
     def generate(self, prompt_ids: list[int], cfg: GenerationConfig) -> Iterator[Step]:
         return engine.generate(self.decoder, prompt_ids, cfg)
 
     def describe(self) -> dict[str, Any]:
-        out = {"backend": self.name, "model": self.model_name, "heads": str(self.heads_path or "fresh"),
-               "tree": self.tree_name, "tree_nodes": self.decoder.tree_size}
+        out = dict(self.resolved.describe(), backend=self.name, tree_nodes=self.decoder.tree_size)
         timer = getattr(self.decoder, "timer", None)
         if timer is not None and timer.enabled:
             out["ms_per_step"] = timer.ms_per_step()

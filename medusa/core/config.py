@@ -13,6 +13,8 @@ from typing import Any, Literal, Optional
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 Acceptance = Literal["greedy", "typical", "nucleus"]
+Draft = Literal["heads", "ngram", "both"]
+DRAFTS = ("heads", "ngram", "both")  # see ``core.drafts``
 
 
 @dataclass(frozen=True)
@@ -105,11 +107,17 @@ def _llama3_scale(freq: float, s: dict[str, Any]) -> float:
     return (1 - smooth) * freq / factor + smooth * freq
 
 
+# Head architectures a checkpoint may declare (``head_type`` in its config.json); a config without
+# the field is a Medusa checkpoint, as every one published before the field existed.
+HEAD_TYPES = ("medusa",)
+
+
 @dataclass(frozen=True)
 class MedusaConfig:
     """What ``config.json`` of an original-format Medusa checkpoint says, plus our additions: the
-    tree (a named tree or a file beside the heads) and the proposal vocabulary (``token_map``: a
-    file beside the heads listing the token ids heads may propose; see ``core.token_map``)."""
+    tree (a named tree or a file beside the heads), the proposal vocabulary (``token_map``: a
+    file beside the heads listing the token ids heads may propose; see ``core.token_map``) and the
+    head architecture (``head_type``, so later kinds of draft heads can share the format)."""
 
     medusa_num_heads: int
     medusa_num_layers: int = 1
@@ -117,6 +125,11 @@ class MedusaConfig:
     shared_lm_head: bool = False
     tree: Optional[str] = None
     token_map: Optional[str] = None
+    head_type: str = "medusa"
+
+    def __post_init__(self) -> None:
+        if self.head_type not in HEAD_TYPES:
+            raise ValueError(f"unknown head_type {self.head_type!r}: this Jedusa runs {', '.join(HEAD_TYPES)} heads")
 
 
 @dataclass(frozen=True)
@@ -127,6 +140,10 @@ class GenerationConfig:
     ``acceptance``: ``typical`` (Medusa-2's entropy-adaptive rule with threshold ε and alpha δ)
     or ``nucleus`` (exact: each tree node samples from the top-p target distribution and the walk
     follows matching children, so output is distributed as baseline sampling).
+
+    ``draft`` says what fills the verified tree (``core.drafts``): ``heads`` (Medusa's tree),
+    ``ngram`` (a chain of ``ngram_tokens`` tokens continuing the longest earlier match of the
+    context's suffix: prompt lookup) or ``both`` (the heads' tree plus that chain).
     """
 
     max_new_tokens: int = 256
@@ -138,6 +155,8 @@ class GenerationConfig:
     medusa: bool = True
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     seed: Optional[int] = None
+    draft: Draft = "heads"
+    ngram_tokens: int = 6
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -148,6 +167,10 @@ class GenerationConfig:
             raise ValueError("top_p must be in (0, 1]")
         if self.acceptance not in ("greedy", "typical", "nucleus"):
             raise ValueError(f"unknown acceptance {self.acceptance!r}: use greedy, typical or nucleus")
+        if self.draft not in DRAFTS:
+            raise ValueError(f"unknown draft {self.draft!r}: use {', '.join(DRAFTS)}")
+        if self.ngram_tokens < 1:
+            raise ValueError("ngram_tokens must be >= 1")
 
     @property
     def mode(self) -> Acceptance:

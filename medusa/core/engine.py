@@ -6,15 +6,20 @@ identical stopping semantics: stop ids (EOS included) end generation *including*
 and nothing after it, ``max_new_tokens`` counts tokens (never steps), and generation ends cleanly,
 with ``finish_reason="length"``, before a forward pass would overflow the KV budget.
 
-The engine knows only token ids; text, templates and stop strings live at the edges.
+The engine knows only token ids; text, templates and stop strings live at the edges.  It also
+owns the n-gram draft source (``core.drafts``): it indexes the context as tokens are emitted and
+hands each Medusa step the chain of tokens to verify besides the heads' (``cfg.draft``).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Optional, Protocol
+from typing import Iterator, NamedTuple, Optional, Protocol
+
+import numpy as np
 
 from .buffers import TreeBuffers
 from .config import GenerationConfig
+from .drafts import NgramDraft, verified_nodes
 
 
 @dataclass(frozen=True)
@@ -22,13 +27,27 @@ class Step:
     """What one decoding step emitted.
 
     tokens:        the ids emitted by this step, in order (1 for baseline; 1 + accepted for Medusa)
-    accepted:      how many speculative (head-proposed) tokens the tree verification accepted
+    accepted:      how many speculative (drafted) tokens the tree verification accepted
     finish_reason: None while generating; "stop" (stop id emitted) or "length" (token or KV budget)
+    sources:       where each token came from: "bonus" (the base model's own choice: every baseline
+                   token, each Medusa step's first), "heads" or "ngram" (accepted drafts)
     """
 
     tokens: tuple[int, ...]
     accepted: int = 0
     finish_reason: Optional[str] = None
+    sources: tuple[str, ...] = ()
+
+
+class Verified(NamedTuple):
+    """What a Medusa step verified: ``tokens`` (root first, then the accepted drafts), how many were
+    ``accepted``, the next ``root`` (bonus token) and the source of each accepted token (empty:
+    all from the heads).  A decoder may return a plain (tokens, accepted, root) tuple."""
+
+    tokens: list[int]
+    accepted: int
+    root: int
+    sources: tuple[str, ...] = ()
 
 
 class Decoder(Protocol):
@@ -48,8 +67,10 @@ class Decoder(Protocol):
     def decode_one(self, root: int, cfg: GenerationConfig) -> int:
         """Baseline: write ``root`` into the cache, return the next token."""
 
-    def medusa_step(self, root: int, cfg: GenerationConfig) -> tuple[list[int], int, int]:
-        """Verify a tree rooted at ``root``: (emitted ids starting with root, accepted, next root)."""
+    def medusa_step(self, root: int, cfg: GenerationConfig, ngram: Optional[np.ndarray] = None) -> Verified:
+        """Verify the tree of ``cfg.draft`` rooted at ``root``, its n-gram chain holding ``ngram``
+        (given unless ``cfg.draft`` is "heads"): (emitted ids starting with root, accepted, next root,
+        sources of the accepted ids)."""
 
     def set_tree(self, buffers: TreeBuffers) -> None:
         """Verify with another tree from the next step on (tree search measures each candidate)."""
@@ -63,22 +84,36 @@ def generate(decoder: Decoder, prompt_ids: list[int], cfg: GenerationConfig) -> 
         raise ValueError(f"prompt of {len(prompt_ids)} tokens does not fit the KV budget of {decoder.max_len}")
     stops = set(cfg.stop_token_ids)
     root = decoder.prefill(list(prompt_ids), cfg)
+    ngram = NgramDraft(prompt_ids, cfg.ngram_tokens) if cfg.medusa and cfg.draft != "heads" else None
     emitted = 0
-    width = decoder.tree_size if cfg.medusa else 1
+    width = verified_nodes(decoder.tree_size, cfg.draft, cfg.ngram_tokens) if cfg.medusa else 1
     while True:
         remaining = cfg.max_new_tokens - emitted
         if root in stops or remaining == 1 or decoder.cache_length + width > decoder.max_len:
-            yield Step((root,), 0, "stop" if root in stops else "length")
+            yield Step((root,), 0, "stop" if root in stops else "length", ("bonus",))
             return
         if cfg.medusa:
-            tokens, accepted, root = decoder.medusa_step(root, cfg)
+            step = _medusa_step(decoder, root, cfg, ngram)
         else:
-            tokens, accepted, root = [root], 0, decoder.decode_one(root, cfg)
-        tokens, reason = _truncate(tokens, stops, remaining)
+            step = Verified([root], 0, decoder.decode_one(root, cfg))
+        tokens, reason = _truncate(step.tokens, stops, remaining)
         emitted += len(tokens)
-        yield Step(tuple(tokens), min(accepted, len(tokens) - 1), reason)
+        accepted = min(step.accepted, len(tokens) - 1)
+        sources = ("bonus",) + (step.sources or ("heads",) * step.accepted)
+        yield Step(tuple(tokens), accepted, reason, sources[:len(tokens)])
         if reason:
             return
+        root = step.root
+
+
+def _medusa_step(decoder: Decoder, root: int, cfg: GenerationConfig, ngram: Optional[NgramDraft]) -> Verified:
+    """One Medusa step; with an n-gram source, the context it indexes grows by what was emitted."""
+    if ngram is None:
+        return Verified(*decoder.medusa_step(root, cfg))
+    ngram.extend([root])
+    step = Verified(*decoder.medusa_step(root, cfg, ngram.propose()))
+    ngram.extend(step.tokens[1:])
+    return step
 
 
 def _truncate(tokens: list[int], stops: set[int], remaining: int) -> tuple[list[int], Optional[str]]:

@@ -2,7 +2,8 @@
 
 Both arms of a comparison are counted the same way: new tokens emitted (stop token included)
 over wall time including prefill; mean accept length is tokens per decoding step (1 for the
-baseline), the Medusa paper's τ.
+baseline), the Medusa paper's τ.  ``tokens_by_source`` splits the tokens by where they came from
+(``engine.Step.sources``): the base model's own ("bonus"), the heads' or the n-gram branch's.
 """
 from __future__ import annotations
 
@@ -24,13 +25,23 @@ class Record:
     wall_time_s: float
     output_ids: list[int]
     accept_hist: Optional[dict[int, int]] = None  # tokens per step -> number of steps
+    sources: Optional[dict[str, int]] = None  # token source -> tokens (``source_counts``)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
+def source_counts(steps: Iterable[Any]) -> dict[str, int]:
+    """Tokens per source ("bonus", "heads", "ngram") over ``engine.Step``s."""
+    counts: Counter[str] = Counter()
+    for step in steps:
+        counts.update(step.sources)
+    return dict(sorted(counts.items()))
+
+
 def summarize(records: Iterable[Record]) -> dict[str, dict[str, Any]]:
-    """Per mode: tokens_per_second, total_tokens, total_time_s, mean_accept_length, per_category."""
+    """Per mode: tokens_per_second, total_tokens, total_time_s, mean_accept_length, accept_hist,
+    tokens_by_source (when the records have sources), per_category."""
     by_mode: dict[str, list[Record]] = defaultdict(list)
     for r in records:
         by_mode[r.mode].append(r)
@@ -43,9 +54,13 @@ def _summary(rs: Sequence[Record]) -> dict[str, Any]:
         cats[r.category].append(r)
     out = _totals(rs)
     hist: Counter[int] = Counter()
+    sources: Counter[str] = Counter()
     for r in rs:
         hist.update({int(k): v for k, v in (r.accept_hist or {}).items()})
+        sources.update(r.sources or {})
     out["accept_hist"] = dict(sorted(hist.items()))
+    if sources:
+        out["tokens_by_source"] = dict(sorted(sources.items()))
     out["per_category"] = {c: _totals(v) for c, v in sorted(cats.items())}
     return out
 

@@ -1,6 +1,7 @@
-"""``python -m medusa.train``: see ``medusa.train.cli``."""
-import json
+"""``python -m medusa.train``: see ``medusa.train.cli``.  Logs a short summary (no raw JSON: the
+metrics are in ``--out``/metrics.json); errors a user can fix end as one log line and exit status 2."""
+import sys
 
-from .cli import main
+from .cli import run
 
-print(json.dumps(main()))
+sys.exit(run())

@@ -3,15 +3,17 @@
 Accepted item shapes: ``{"conversations": [{"from": "human"|"gpt"|"system", "value": ...}]}``
 and ``{"messages"|"conversations": [{"role", "content"}]}`` (or a bare list of such messages), in
 a JSON array or JSONL.  The ShareGPT dump shipped on PyPI is cut off mid-item, so a JSON array is
-read item by item and the complete items are kept; the number skipped is reported.
+read item by item and the complete items are kept; an item that is not valid JSON is skipped and
+reading goes on after it.  One log line counts what was skipped (a warning when items in the
+middle were unreadable).
 """
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 from ..core.prompts import Message
 
@@ -40,17 +42,20 @@ def sharegpt_path() -> Path:
 
 
 def load_conversations(path: Path) -> tuple[list[Conversation], int]:
-    """(valid conversations, number of items skipped as truncated or malformed)."""
-    items, skipped = _read_items(path)
+    """(valid conversations, number of items skipped as unreadable, malformed or truncated)."""
+    found = _read_items(path)
     good = []
-    for n, item in enumerate(items):
+    for n, item in enumerate(found.items):
         conv = normalise(item, default_id=f"{path.stem}-{n}")
-        if conv is None:
-            skipped += 1
-        else:
+        if conv is not None:
             good.append(conv)
-    if skipped:
-        log.info("%s: kept %d conversations, skipped %d truncated or malformed", path.name, len(good), skipped)
+    filtered = len(found.items) - len(good)
+    skipped = found.unreadable + found.truncated + filtered
+    if skipped:  # unreadable items in the middle are the user's to fix: say so loudly
+        level = logging.WARNING if found.unreadable else logging.INFO
+        log.log(level, "%s: kept %d conversations; skipped %d items that are not valid JSON, %d that are not a "
+                "user/assistant conversation, %d cut off at the end of the file", path.name, len(good),
+                found.unreadable, filtered, found.truncated)
     return good, skipped
 
 
@@ -80,7 +85,14 @@ def _alternates(messages: list[Message]) -> bool:
     return bool(body) and all(m["role"] == ("user" if i % 2 == 0 else "assistant") for i, m in enumerate(body))
 
 
-def _read_items(path: Path) -> tuple[list[Any], int]:
+@dataclass
+class _Items:
+    items: list[Any] = field(default_factory=list)
+    unreadable: int = 0  # items that are not valid JSON, skipped to read on
+    truncated: int = 0   # 1 when the file stops inside its last item (the PyPI ShareGPT dump does)
+
+
+def _read_items(path: Path) -> _Items:
     text = path.read_text(encoding="utf-8", errors="replace")
     stripped = text.lstrip()
     if stripped.startswith("["):
@@ -88,17 +100,22 @@ def _read_items(path: Path) -> tuple[list[Any], int]:
     return _jsonl_items(text)
 
 
-def _json_array_items(text: str) -> tuple[list[Any], int]:
-    decoder, items, pos = json.JSONDecoder(), [], 1
+def _json_array_items(text: str) -> _Items:
+    decoder, found, pos = json.JSONDecoder(), _Items(), 1
     while True:
         pos = _skip(text, pos)
         if pos >= len(text) or text[pos] == "]":
-            return items, 0
+            return found
         try:
             item, pos = decoder.raw_decode(text, pos)
         except json.JSONDecodeError:
-            return items, 1  # the file stops inside this item
-        items.append(item)
+            end = _item_end(text, pos)
+            if end is None:  # the file stops inside this item
+                found.truncated = 1
+                return found
+            found.unreadable, pos = found.unreadable + 1, end
+            continue
+        found.items.append(item)
 
 
 def _skip(text: str, pos: int) -> int:
@@ -107,25 +124,42 @@ def _skip(text: str, pos: int) -> int:
     return pos
 
 
-def _jsonl_items(text: str) -> tuple[list[Any], int]:
-    items, bad = [], 0
-    for line in text.splitlines():
+def _item_end(text: str, pos: int) -> Optional[int]:
+    """Where the malformed array item at ``pos`` ends (its closing ``,`` or ``]``), None at end of text.
+
+    Brackets are matched outside strings, so one bad item does not hide the items after it."""
+    depth, in_string, i = 0, False, pos
+    while i < len(text):
+        c = text[i]
+        if in_string:
+            if c == "\\":
+                i += 1
+            elif c == '"':
+                in_string = False
+        elif c == '"':
+            in_string = True
+        elif c in "[{":
+            depth += 1
+        elif c == "]" and depth == 0:
+            return i
+        elif c in "]}":
+            depth = max(depth - 1, 0)  # a stray closer is part of the bad item
+        elif c == "," and depth == 0:
+            return i
+        i += 1
+    return None
+
+
+def _jsonl_items(text: str) -> _Items:
+    found = _Items()
+    lines = text.splitlines()
+    for n, line in enumerate(lines, 1):
         if line.strip():
             try:
-                items.append(json.loads(line))
+                found.items.append(json.loads(line))
             except json.JSONDecodeError:
-                bad += 1
-    return items, bad
-
-
-def iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    """Complete records of a JSONL file that may end in a half-written line (skipped)."""
-    if not path.exists():
-        return
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            if line.endswith("\n"):
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError:
-                    continue
+                if n == len(lines) and not text.endswith("\n"):
+                    found.truncated = 1
+                else:
+                    found.unreadable += 1
+    return found

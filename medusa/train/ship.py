@@ -2,20 +2,23 @@
 
 What ships: the Medusa checkpoint (``config.json`` naming its tree, ``medusa_lm_head.safetensors``),
 ``tree.json`` from the tree search, ``token_map.json`` (proposal vocabulary) and ``metrics.json``
-from training; the optimiser state does not.
+from training; the optimiser state does not, nor the training machine's paths (``metrics.json``'s
+data, model and cache directories, the trees' reuse keys): their hashes and counts stay.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 
 from ..core.checkpoint import CONFIG_NAME, load_checkpoint, save_checkpoint
+from ..core.io import atomic_write_text
 from ..core.token_map import TOKEN_MAP_FILE
+
+LOCAL_KEYS = ("data", "model_dir", "cache_dir", "key")  # where things were on the training machine
 
 
 def ship(heads_dir: Path, dest: Path) -> Path:
@@ -24,7 +27,9 @@ def ship(heads_dir: Path, dest: Path) -> Path:
     save_checkpoint(dest, config, {k: v.astype(np.float16) for k, v in state.items()}, extra=extra)
     for path in [heads_dir / n for n in ("tree.json", "metrics.json", TOKEN_MAP_FILE)] + sorted(heads_dir.glob("tree-*.json")):
         if path.is_file():
-            shutil.copy(path, dest / path.name)
+            record = {k: v for k, v in json.loads(path.read_text()).items() if k not in LOCAL_KEYS}
+            indent = None if path.name == TOKEN_MAP_FILE else 1  # 8,192 ids: one line, as training wrote it
+            atomic_write_text(dest / path.name, json.dumps(record, indent=indent) + "\n")
     return dest
 
 

@@ -16,10 +16,12 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..core.checkpoint import CONFIG_NAME, CheckpointError, atomic_write_text, load_checkpoint
+from ..core.checkpoint import CONFIG_NAME, CheckpointError, load_checkpoint
+from ..core.io import atomic_write_text
 from ..core.token_map import TOKEN_MAP_FILE, build_token_map, coverage
 from ..core.models import DEFAULT_MODEL, resolve_model
 from .hidden_cache import cached_labels, default_cache_dir
+from .trainer import METRICS_FILE
 
 log = logging.getLogger("medusa.train.token_map")
 
@@ -38,24 +40,34 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--medusa-heads", type=Path, required=True)
     p.add_argument("--cache-dir", type=Path, default=None,
-                   help="hidden-state cache holding train/ and eval/ (default: the one `medusa.train` filled for "
-                        "--model/--data/--max-length)")
+                   help="hidden-state cache holding train/ and eval/ (default: the one the heads' metrics.json "
+                        "names, else the one `medusa.train` fills for --model/--data/--max-length)")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--data", type=Path, default=None, help="the training conversations (to find the default cache)")
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--size", type=int, default=8192)
     args = p.parse_args(argv)
-    if args.cache_dir is None and args.data is None:
-        p.error("give --cache-dir, or --data (and --model/--max-length as in training)")
-    cache_dir = args.cache_dir or default_cache_dir(resolve_model(args.model), args.data, args.max_length)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     config, _ = load_checkpoint(args.medusa_heads)
     if not config.shared_lm_head:
         raise CheckpointError("a token map needs shared-lm_head heads")
-    result = write_token_map(args.medusa_heads, cache_dir, args.size)
+    result = write_token_map(args.medusa_heads, _cache_dir(args, p), args.size)
     raw = json.loads((args.medusa_heads / CONFIG_NAME).read_text())
     atomic_write_text(args.medusa_heads / CONFIG_NAME, json.dumps(dict(raw, token_map=TOKEN_MAP_FILE), indent=2) + "\n")
     return result
+
+
+def _cache_dir(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
+    """``--cache-dir``, else the cache the heads were trained from, else the default one of ``--data``."""
+    if args.cache_dir is not None:
+        return args.cache_dir
+    metrics = args.medusa_heads / METRICS_FILE
+    recorded = json.loads(metrics.read_text()).get("cache_dir") if metrics.is_file() else None
+    if recorded:
+        return Path(recorded)
+    if args.data is None:
+        parser.error("give --cache-dir, or --data (and --model/--max-length as in training)")
+    return default_cache_dir(resolve_model(args.model), args.data, args.max_length)
 
 
 if __name__ == "__main__":

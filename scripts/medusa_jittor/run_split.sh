@@ -1,15 +1,11 @@
 #!/usr/bin/env bash
-# Jittor Medusa heads on the PyTorch backbone's hidden states (backend "hybrid"), resumable.
-# Reuses the self-distilled data and hidden-state cache of scripts/medusa/run.sh.
-#   MODEL WORK DATA OUT   as in scripts/medusa/run.sh (OUT defaults to a separate jittor dir)
-#   TRAIN_MODULE          medusa_jittor.train (PyTorch backbone) or medusa_jittor_all.train (Jittor backbone)
-#   LAUNCH                "python" or e.g. "mpirun -np 4 python" (Jittor splits batches over MPI ranks)
+# Jittor Medusa heads on the PyTorch backbone's hidden states (backend "hybrid"): the one recipe of
+# scripts/training_env.sh with TRAINER=hybrid, every knob documented there and honoured alike.
+# OUT defaults to $WORK/$NAME-heads-jittor; the trees measured are torch's (the heads' default) and
+# hybrid's own (TREE_BACKENDS, "" for none).  Training runs in one process: the Jittor trainer
+# refuses mpirun and several ranks (train on several GPUs with scripts/medusa/run.sh and
+# LAUNCH="accelerate launch --num_processes N").  Rerun to resume; a finished run reruns in seconds.
 set -euo pipefail
+TRAINER=hybrid
 source "$(dirname "$0")/../training_env.sh"
-OUT=${OUT:-$WORK/$NAME-heads-jittor}
-if [ ! -f "$DATA" ]; then
-    $PY -m medusa.train.distill --model "$MODEL" --out "$DATA" --limit "${CONVERSATIONS:-4000}"
-fi
-$LAUNCH -m "${TRAIN_MODULE:-medusa_jittor.train}" --model "$MODEL" --data "$DATA" --out "$OUT" \
-    --num-heads "${NUM_HEADS:-4}" --num-layers "${NUM_LAYERS:-1}" --epochs "${EPOCHS:-2}" \
-    --lr "${LR:-2e-3}" --batch-tokens "${BATCH_TOKENS:-1024}" --token-map-size "${TOKEN_MAP_SIZE:-8192}"
+run_recipe

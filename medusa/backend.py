@@ -13,7 +13,8 @@ from torch import Tensor
 
 from .core.backends import BackendBase
 from .core.buffers import TreeBuffers
-from .core.config import GenerationConfig
+from .core.config import GenerationConfig, check_context
+from .core.models import load_args
 from .core.drafts import DraftTrees, source_names
 from .core.engine import Verified
 from .core.stats import StepTimer
@@ -35,10 +36,19 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def pick_device(name: str) -> str:
+    """``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``; anything else is a ValueError."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {name!r} is not supported: use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return name
 
 
@@ -132,6 +142,7 @@ class TorchBackend(BackendBase):
         ``profile``: time the parts of each Medusa step (see ``describe()``)."""
         self.device, self.dtype = pick_device(device), torch_dtype(dtype)
         run = self._resolve(model, heads, tree, self.device)
+        check_context(load_args(self.model_dir), max_len)
         self.model = load_llama(self.model_dir, self.dtype, self.device)
         self.heads = self._heads()  # before packing: heads may copy the dense lm_head
         self.proposal_ids, self.proposal_head = self._proposal_head(run.token_map)

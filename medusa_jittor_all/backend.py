@@ -12,7 +12,8 @@ import numpy as np
 
 from medusa.core.backends import BackendBase, BackendError
 from medusa.core.buffers import TreeBuffers
-from medusa.core.config import GenerationConfig
+from medusa.core.config import GenerationConfig, check_context
+from medusa.core.models import load_args
 from medusa.core.drafts import DraftTrees, source_names
 from medusa.core.engine import Verified
 from medusa.core.stats import StepTimer
@@ -111,6 +112,7 @@ class JittorBackend(BackendBase):
             raise BackendError(f"backend 'jittor' runs float32 only, not {dtype!r}: use --dtype float32")
         self.dtype = "float32"
         run = self._resolve(model, heads, tree, self.device)
+        check_context(load_args(self.model_dir), max_len)
         self.model = load_llama(self.model_dir, self.dtype)
         args = self.model.args
         self.heads = heads_from_state(run.heads_config, run.heads_state, args.hidden_size, args.vocab_size)

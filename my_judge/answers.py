@@ -51,9 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_args(p)
     p.add_argument("--mode", choices=list(ARMS), default="both", help="arms to answer with (one file each)")
     p.add_argument("--questions", type=Path, default=None, help="MT-Bench-format JSONL (default: MT-Bench)")
-    p.add_argument("--start", type=int, default=0, help="skip the first START questions")
-    p.add_argument("--limit", type=int, default=None, help="answer at most LIMIT questions")
-    p.add_argument("--turns", type=int, default=None, help="turns per question (default: all)")
+    p.add_argument("--start", type=_count(0), default=0, help="skip the first START questions")
+    p.add_argument("--limit", type=_count(1), default=None, help="answer at most LIMIT questions")
+    p.add_argument("--turns", type=_count(1), default=None, help="turns per question (default: all)")
     p.add_argument("--fastchat-temperatures", action="store_true",
                    help="FastChat's per-category temperatures (writing/roleplay 0.7, stem/humanities 0.1, else 0); "
                         "--temperature for other categories")
@@ -61,6 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-id", default=None,
                    help="answers go to ANSWER_DIR/MODEL_ID-BACKEND-ARM.jsonl (default MODEL_ID: the model's name)")
     return p
+
+
+def _count(least: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
+        return value
+
+    return parse
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -102,12 +112,14 @@ def generate_answers(backend: Backend, questions: list[dict[str, Any]], opts: Ru
     described = backend.describe()
     plans = []
     for arm in [backend_arm(backend, medusa=m == "medusa") for m in ARMS[job.mode]]:
-        model_id = f"{job.model_id or Path(described['model']).name}-{opts.backend}-{arm.name}"
+        draft = "" if not arm.medusa or opts.draft == "heads" else f"-{opts.draft}"
+        model_id = f"{job.model_id or Path(described['model']).name}-{opts.backend}-{arm.name}{draft}"
         path = job.answer_dir / f"{model_id}.jsonl"
         setup = {"backend": opts.backend, "arm": arm.name, **{k: described.get(k) for k in SETUP_KEYS},
                  "conv_template": opts.conv_template, "max_new_tokens": opts.max_new_tokens, "turns": job.turns,
                  "temperature": "fastchat" if job.fastchat_temperatures else opts.temperature, "seed": opts.seed,
-                 "top_p": opts.top_p, "acceptance": opts.acceptance, "max_len": opts.max_len}
+                 "top_p": opts.top_p, "acceptance": opts.acceptance, "max_len": opts.max_len, "draft": opts.draft,
+                 "posterior_threshold": opts.posterior_threshold, "posterior_alpha": opts.posterior_alpha}
         done = answered(path, setup)  # every arm's file is checked before anything runs
         todo = [q for q in questions if q["question_id"] not in done]
         log.info("%s: %d of %d questions already answered", path, len(questions) - len(todo), len(questions))

@@ -17,6 +17,7 @@ per question x turn x arm), ``table``, ``agreement``, ``summary`` per arm and ``
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import logging
 import sys
@@ -97,6 +98,19 @@ def _positive(text: str) -> int:
     return value
 
 
+def check_writable(out: Optional[Path]) -> None:
+    """Refuse an ``--out`` that could not be written once the run is over."""
+    if out is None:
+        return
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory: give a file name, e.g. {out / 'bench.json'}")
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"--out {out}: {parent} is not writable")
+
+
 def _arm_list(text: str) -> tuple[str, ...]:
     names = [n.strip().replace("-", "_") for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in ARMS]
@@ -110,6 +124,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     plan = BenchPlan.from_args(args)
     try:
+        check_writable(plan.out)  # before hours of measuring, not after
         opts = run_options(args)
         questions = load_questions(plan.questions, plan.limit, per_category=plan.per_category)
         backend = opts.load()

@@ -87,3 +87,20 @@ def test_every_decoding_flag_reaches_the_config():
 def test_baseline_flag_is_refused_not_ignored(caplog):
     code, errors = run_bench(caplog, "--baseline", "--mode", "medusa")
     assert code == 2 and errors == ["--baseline does not apply here: choose the arms with --mode baseline|medusa|both"]
+
+
+def test_an_out_that_cannot_be_written_is_refused_before_measuring(tmp_path, caplog):
+    """--out used to be written only after every arm had run: a directory lost the whole run."""
+    path = tmp_path / "q.jsonl"
+    path.write_text(json.dumps(QUESTION) + "\n")
+    code, errors = run_bench(caplog, "--questions", path, "--model", tmp_path / "no-model", "--out", tmp_path)
+    assert code == 2 and len(errors) == 1 and "is a directory" in errors[0]
+
+
+def test_devices_are_checked_in_one_line():
+    from medusa.backend import pick_device
+
+    assert pick_device("cpu") == "cpu"
+    for bad, message in [("gpu", "unknown device"), ("mps", "not supported")]:
+        with pytest.raises(ValueError, match=message):
+            pick_device(bad)

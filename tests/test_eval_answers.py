@@ -235,3 +235,17 @@ def test_kill_9_mid_run_then_rerun_equals_an_uninterrupted_run(tmp_path, smol_di
     want = {r["question_id"]: r["choices"][0]["turns"]
             for r in read_jsonl(tmp_path / "whole" / "tiny-torch-baseline.jsonl")}
     assert len(read_jsonl(out)) == 8 and got == want
+
+
+@pytest.mark.parametrize("flags", [["--turns", "0"], ["--limit", "0"], ["--start", "-5"]])
+def test_counts_out_of_range_are_refused(tmp_path, flags):
+    """--turns 0 used to append an empty answer for every question, then refuse the corrected rerun."""
+    with pytest.raises(SystemExit):
+        _args(tmp_path, *flags)
+
+
+def test_each_draft_source_answers_into_its_own_file(tmp_path):
+    opts, job = ans.plan(_args(tmp_path, "--mode", "medusa", "--draft", "both"))
+    paths = ans.generate_answers(FakeBackend(), QUESTIONS[:1], opts, job)
+    assert [p.name for p in paths] == ["m-torch-medusa-both.jsonl"]
+    assert read_jsonl(paths[0])[0]["setup"]["draft"] == "both"

@@ -223,6 +223,19 @@ def test_a_rerun_of_finished_training_rewrites_nothing(trained, caplog):
     assert "already trained" in caplog.text
 
 
+def test_a_rerun_with_other_settings_refuses_instead_of_relabelling(trained):
+    """A finished run rerun with another --lr used to write the new settings over the old heads'
+    metrics without training anything (or crash with a shape mismatch for another --num-heads)."""
+    from medusa.train.cli import main
+    from medusa.train.trainer import TrainError
+
+    before = files(trained["heads"])
+    flags = [f if f != "1e-2" else "5e-3" for f in trained["flags"]]
+    with pytest.raises(TrainError, match=r"already trained with lr=0.01 \(this run: 0.005\)"):
+        main(flags + ["--out", str(trained["heads"])])
+    assert files(trained["heads"]) == before
+
+
 def test_eval_only_needs_no_data_and_no_model(trained, tmp_path):
     from medusa.train.cli import main
     from medusa.train.trainer import TrainError
@@ -368,3 +381,18 @@ def test_shipped_heads_carry_no_paths_of_the_training_machine(trained, tmp_path)
     assert metrics["data_sha256"] == trained["metrics"]["data_sha256"] and metrics["train_conversations"] > 0
     records = [f for f in dest.glob("*.json") if f.name != "config.json"]  # config names its base model, as published
     assert records and str(trained["root"]) not in "".join(f.read_text() for f in records)
+
+
+def test_shipping_again_leaves_no_file_of_the_earlier_heads(trained, tmp_path):
+    """A tree-BACKEND.json of earlier heads survived a new ship and was preferred by that backend."""
+    from medusa.train.ship import ship
+
+    heads = tmp_path / "heads"
+    shutil.copytree(trained["heads"], heads)
+    (heads / "tree-hybrid.json").write_text(json.dumps([[0], [1]]))  # a plain list of paths is a tree file too
+    dest = ship(heads, tmp_path / "shipped")
+    assert json.loads((dest / "tree-hybrid.json").read_text()) == [[0], [1]]
+    (heads / "tree-hybrid.json").unlink()
+    ship(heads, dest)
+    assert not (dest / "tree-hybrid.json").exists() and (dest / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["heads", "shipped"]  # no staging left behind

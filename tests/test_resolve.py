@@ -197,7 +197,32 @@ def test_heads_by_hub_id_from_the_cache(tmp_path, monkeypatch, tokenizer_files):
     heads = faster_decoding_heads(tmp_path / "heads", model)
     monkeypatch.setenv("HF_HUB_CACHE", str(hub_cache(tmp_path / "hub", "FasterDecoding/medusa-tiny", heads)))
     run = resolve(str(model), "FasterDecoding/medusa-tiny")
-    assert run.heads_source == "given" and run.heads_config.medusa_num_heads == 5
+    assert run.heads_source == "given:FasterDecoding/medusa-tiny" and run.heads_config.medusa_num_heads == 5
+
+
+def test_a_medusa2_directory_given_as_heads_is_also_the_model(tmp_path, tokenizer_files):
+    model = medusa2_dir(tmp_path / "medusa2-tiny", tokenizer_files)
+    run = resolve(None, str(model))
+    assert run.model_dir == model and run.heads_config.medusa_num_heads == 3
+
+
+@pytest.mark.parametrize("config", ["{bad", "[1]"])
+def test_a_broken_heads_config_is_one_clear_error(tmp_path, tokenizer_files, config):
+    model = tiny_model(tmp_path / "base", "llama", tokenizer_files)
+    heads = faster_decoding_heads(tmp_path / "heads", model)
+    (heads / "config.json").write_text(config)
+    with pytest.raises(CheckpointError, match="config.json"):
+        resolve(None, str(heads))
+
+
+def test_heads_for_another_base_model_warn_once(tmp_path, tokenizer_files, caplog):
+    model = tiny_model(tmp_path / "llama-2-tiny", "llama", tokenizer_files)
+    heads = faster_decoding_heads(tmp_path / "heads", model)
+    config = json.loads((heads / "config.json").read_text())
+    (heads / "config.json").write_text(json.dumps(dict(config, base_model_name_or_path="lmsys/vicuna-7b-v1.3")))
+    with caplog.at_level(logging.WARNING):
+        resolve(str(model), str(heads))
+    assert sum("trained for lmsys/vicuna-7b-v1.3" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_missing_heads_directory_is_one_clear_error(tmp_path, tokenizer_files):

@@ -225,7 +225,8 @@ def test_openai_chat_and_streaming(client, smol_backend):
     text = resp.choices[0].message.content
     assert text == _greedy_reference(smol_backend, QUESTION, 12) and "Paris" in text
     assert 0 < resp.usage.completion_tokens <= 12
-    assert resp.model_extra["medusa"]["mean_accepted_length"] >= 1.0
+    medusa = resp.model_extra["medusa"]
+    assert medusa["accepted_tokens"] > 0 and medusa["steps"] < resp.usage.completion_tokens  # the heads were used
     stream = client.chat.completions.create(model="smollm2-135m", messages=QUESTION, max_tokens=12, temperature=0,
                                             stream=True, stream_options={"include_usage": True})
     chunks = list(stream)

@@ -36,6 +36,7 @@ class LlamaArgs:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
+    sliding_window: Optional[int] = None  # Mistral-style local attention span; None = full attention
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> "LlamaArgs":
@@ -68,7 +69,26 @@ class LlamaArgs:
             qkv_bias=model_type == "qwen2" or attention_bias,
             o_bias=attention_bias,
             mlp_bias=bool(cfg.get("mlp_bias", False)),
+            sliding_window=_sliding_window(cfg),
         )
+
+
+def _sliding_window(cfg: dict[str, Any]) -> Optional[int]:
+    """The attention window a config really uses: Mistral's ``sliding_window`` (null in v0.2+), or
+    Qwen2's when ``use_sliding_window`` turns it on."""
+    if cfg.get("model_type") == "qwen2" and not cfg.get("use_sliding_window", False):
+        return None
+    window = cfg.get("sliding_window")
+    return int(window) if window else None
+
+
+def check_context(args: "LlamaArgs", context: int) -> None:
+    """Refuse a context longer than the model's sliding window: our attention is full attention,
+    exact only while every position lies inside the window (Mistral-7B-v0.1: 4,096 tokens)."""
+    if args.sliding_window is not None and context > args.sliding_window:
+        raise ValueError(f"this model attends within a sliding window of {args.sliding_window} tokens, which "
+                         f"Jedusa does not implement: use a context (--max-len / --max-length) of at most "
+                         f"{args.sliding_window}, not {context}")
 
 
 def _check_rope_scaling(scaling: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:

@@ -18,7 +18,6 @@ Only numpy is loaded here (heads as a numpy state dict); each backend turns it i
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .checkpoint import CheckpointError, StateDict, load_checkpoint, medusa2_heads
+from .checkpoint import CheckpointError, StateDict, check_base_model, load_checkpoint, medusa2_heads
 from .config import MedusaConfig
 from .models import DEFAULT_MODEL, ModelError, hub_snapshot, resolve_model, shipped_heads
 from .token_map import load_token_map
@@ -46,7 +45,7 @@ class Resolved:
     model: str  # as the user named it (or as the heads named it)
     model_dir: Path
     heads_dir: Optional[Path]  # None: fresh heads; the model directory for a Medusa-2 checkpoint
-    heads_source: str  # "given", "medusa-2", "shipped" or "fresh"
+    heads_source: str  # "given:NAME" (NAME: the directory's name or the hub id), "medusa-2:NAME", "shipped:NAME", "fresh"
     heads_config: MedusaConfig
     heads_state: Optional[StateDict]  # None: fresh heads
     token_map: Optional[np.ndarray]  # the proposal vocabulary, or None for the full vocabulary
@@ -56,8 +55,7 @@ class Resolved:
     def describe(self) -> dict[str, Any]:
         """What was loaded, without filesystem paths (responses may leave the machine)."""
         c = self.heads_config
-        heads = self.heads_source if self.heads_dir is None else f"{self.heads_source}:{self.heads_dir.name}"
-        return {"model": self.model, "heads": heads, "num_heads": c.medusa_num_heads,
+        return {"model": self.model, "heads": self.heads_source, "num_heads": c.medusa_num_heads,
                 "num_layers": c.medusa_num_layers, "head_type": c.head_type, "shared_lm_head": c.shared_lm_head,
                 "tree": Path(self.tree_name).name, "tree_nodes": len(self.tree)}
 
@@ -66,16 +64,24 @@ def resolve(model: Optional[str] = None, heads: Optional[str] = None, tree: Opti
             backend: str = "torch", device: str = "cpu") -> Resolved:
     """Decide model directory, heads, token map and tree (see the module docstring)."""
     heads_dir = _heads_dir(heads)
-    model = model or _base_model(heads_dir) or DEFAULT_MODEL
+    config, state = load_checkpoint(heads_dir) if heads_dir is not None else (FRESH_HEADS, None)
+    model = model or _base_model(config) or DEFAULT_MODEL
     model_dir = resolve_model(model)
-    source = "given" if heads_dir is not None else FRESH if heads == FRESH else None
-    config, state = (load_checkpoint(heads_dir) if heads_dir is not None else (FRESH_HEADS, None))
-    if source is None:
+    if heads_dir is not None:
+        check_base_model(config, model, model_dir)
+        source = f"given:{heads if _is_hub_id(heads) else heads_dir.name}"
+    elif heads == FRESH:
+        source = FRESH
+    else:
         heads_dir, source, config, state = _own_heads(model, model_dir)
     token_map = load_token_map(heads_dir, config)
     tree_name = _tree_name(tree, heads_dir, config, backend, device)
     return Resolved(model, model_dir, heads_dir, source, config, state, token_map, tree_name,
                     resolve_tree(tree_name, config.medusa_num_heads))
+
+
+def _is_hub_id(heads: Optional[str]) -> bool:
+    return heads is not None and not Path(heads).expanduser().exists()
 
 
 def _heads_dir(heads: Optional[str]) -> Optional[Path]:
@@ -94,29 +100,28 @@ def _heads_dir(heads: Optional[str]) -> Optional[Path]:
                           "or .pt, a hub id in the Hugging Face cache, or 'fresh')")
 
 
-def _base_model(heads_dir: Optional[Path]) -> Optional[str]:
-    """The base model the heads' config.json names, if it resolves here (else the default is used)."""
-    if heads_dir is None or not (heads_dir / "config.json").is_file():
+def _base_model(config: MedusaConfig) -> Optional[str]:
+    """The base model the heads' config names (a Medusa-2 directory names itself), if it resolves here."""
+    name = config.base_model_name_or_path
+    if not name:
         return None
     try:
-        name = json.loads((heads_dir / "config.json").read_text()).get("base_model_name_or_path")
-        if name:
-            resolve_model(name)
-            log.info("model: %s (named by the heads' config.json)", name)
-            return name
-    except (ModelError, ValueError, OSError, AttributeError):
+        resolve_model(name)
+    except ModelError:
         log.warning("the heads name base model %r, which is not available here: pass --model", name)
-    return None
+        return None
+    log.info("model: %s (named by the heads' config)", name)
+    return name
 
 
 def _own_heads(model: str, model_dir: Path) -> tuple[Optional[Path], str, MedusaConfig, Optional[StateDict]]:
     """No ``--medusa-heads``: the model's built-in (Medusa-2) or shipped heads, else fresh ones."""
     built_in = medusa2_heads(model_dir)
     if built_in is not None:
-        return model_dir, "medusa-2", *built_in
+        return model_dir, f"medusa-2:{model_dir.name}", *built_in
     shipped = shipped_heads(model)
     if shipped is not None:
-        return shipped, "shipped", *load_checkpoint(shipped)
+        return shipped, f"shipped:{shipped.name}", *load_checkpoint(shipped)
     log.warning("no Medusa heads for %s: using fresh (untrained) heads, expect little speed-up; "
                 "train some (scripts/medusa/run.sh) or pass --medusa-heads", model)
     return None, FRESH, FRESH_HEADS, None

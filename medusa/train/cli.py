@@ -37,7 +37,7 @@ import torch
 
 from ..backend import pick_device, torch_dtype
 from ..core.checkpoint import CONFIG_NAME, load_checkpoint
-from ..core.config import MedusaConfig
+from ..core.config import MedusaConfig, check_context
 from ..core.io import atomic_write_text
 from ..core.models import DEFAULT_MODEL, ModelError, load_args, resolve_model
 from ..core.token_map import TOKEN_MAP_FILE, load_token_map
@@ -235,6 +235,10 @@ def cache_splits(model_dir: Path, opts: DataOptions, backbone: Backbone, splits:
     from transformers import AutoTokenizer
 
     cache_dir = cache_dir_for(model_dir, opts, backbone)
+    try:
+        check_context(load_args(model_dir), opts.max_length)
+    except ValueError as err:
+        raise TrainError(str(err)) from None
     state = PartialState()
     with state.main_process_first():
         if state.is_main_process:
@@ -341,6 +345,18 @@ def finished_metrics(out: Path, identity: dict[str, Any]) -> Optional[dict[str, 
     return metrics if same and "top1" in metrics and (out / CONFIG_NAME).is_file() else None
 
 
+def refuse_other_finished_run(out: Path, identity: dict[str, Any], done: Optional[dict[str, Any]]) -> None:
+    """Heads finished with other data, model or settings are never relabelled nor silently replaced."""
+    metrics = read_metrics(out)
+    if done is not None or "top1" not in metrics:
+        return
+    old, new = dict(metrics, **metrics.get("training", {})), dict(identity, **identity["training"])
+    key = next((k for k, v in new.items() if k != "training" and k in old and old[k] != v), None)
+    what = f"{key}={old[key]!r} (this run: {new[key]!r})" if key else "other settings"
+    raise TrainError(f"{out} holds heads already trained with {what}: train into a new --out "
+                     "(or delete it to start over)")
+
+
 def record_metrics(out: Path, metrics: dict[str, Any], identity: dict[str, Any], prepared: Prepared) -> dict:
     """Add what the heads were trained on to a finished run's ``metrics.json`` (main process)."""
     from accelerate import PartialState
@@ -425,9 +441,12 @@ def train_or_evaluate(args: argparse.Namespace, backbone: Backbone, trainer: Tra
                          "self-distilled DATA)")
     model = args.model or DEFAULT_MODEL
     model_dir = resolve_model(model)
+    if Path(model).expanduser().exists():  # a path is recorded absolute: the heads must find it from anywhere
+        model = str(model_dir)
     check_out(opts.out)
     identity = run_identity(model_dir, opts, backbone, cfg)
     done = finished_metrics(opts.out, identity)
+    refuse_other_finished_run(opts.out, identity, done)
     if done is not None:
         log.info("the heads in %s are already trained on this data, model and settings (metrics.json): nothing "
                  "to do (train into a new --out to start over)", opts.out)

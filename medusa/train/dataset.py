@@ -1,8 +1,8 @@
 """Tokenised training examples: chat-templated ids with labels on assistant tokens only.
 
-Labels are found through the tokenizer's character offsets: a token is labelled when it starts
-inside an assistant message's content, and so is the token right after it (the end-of-turn
-marker), so heads also learn to predict the stop.  Everything else is IGNORE_INDEX.
+Labels are found through the tokenizer's character offsets: a token is labelled when it overlaps
+an assistant message's content (a token may start at the space before it), and so is the token
+right after it (the end-of-turn marker), so heads also learn to predict the stop.  Everything else is IGNORE_INDEX.
 """
 from __future__ import annotations
 
@@ -27,10 +27,11 @@ def tokenize_conversation(tokenizer: Any, messages: Sequence[Message], max_lengt
     ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
     spans = _assistant_spans(text, messages)
     labels = [IGNORE_INDEX] * len(ids)
-    for i, (start, _) in enumerate(offsets):
-        if any(a <= start < b for a, b in spans):
+    inside = [any(start < b and end > a for a, b in spans) for start, end in offsets]
+    for i, answer in enumerate(inside):
+        if answer:  # overlapping the content: " Hello" starts at the space before it (Vicuna's template)
             labels[i] = ids[i]
-            if i + 1 < len(ids) and not any(a <= offsets[i + 1][0] < b for a, b in spans):
+            if i + 1 < len(ids) and not inside[i + 1]:
                 labels[i + 1] = ids[i + 1]  # the end-of-turn token after the content
     return Example(ids[:max_length], labels[:max_length])
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -22,15 +23,30 @@ LOCAL_KEYS = ("data", "model_dir", "cache_dir", "key")  # where things were on t
 
 
 def ship(heads_dir: Path, dest: Path) -> Path:
+    """Write the shipped copy beside ``dest``, then swap it in whole: no file of earlier heads (a
+    ``tree-BACKEND.json`` the new heads lack, say) survives, and a failure leaves ``dest`` as it was."""
+    staging = dest.with_name(f".{dest.name}.shipping")
+    shutil.rmtree(staging, ignore_errors=True)
     config, state = load_checkpoint(heads_dir)
     extra = {k: v for k, v in json.loads((heads_dir / CONFIG_NAME).read_text()).items() if k == "training"}
-    save_checkpoint(dest, config, {k: v.astype(np.float16) for k, v in state.items()}, extra=extra)
+    save_checkpoint(staging, config, {k: v.astype(np.float16) for k, v in state.items()}, extra=extra)
     for path in [heads_dir / n for n in ("tree.json", "metrics.json", TOKEN_MAP_FILE)] + sorted(heads_dir.glob("tree-*.json")):
         if path.is_file():
-            record = {k: v for k, v in json.loads(path.read_text()).items() if k not in LOCAL_KEYS}
-            indent = None if path.name == TOKEN_MAP_FILE else 1  # 8,192 ids: one line, as training wrote it
-            atomic_write_text(dest / path.name, json.dumps(record, indent=indent) + "\n")
+            atomic_write_text(staging / path.name, _without_local_paths(path))
+    old = dest.with_name(f".{dest.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dest.exists():
+        dest.rename(old)
+    staging.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
     return dest
+
+
+def _without_local_paths(path: Path) -> str:
+    data = json.loads(path.read_text())
+    record = {k: v for k, v in data.items() if k not in LOCAL_KEYS} if isinstance(data, dict) else data
+    indent = None if path.name == TOKEN_MAP_FILE else 1  # 8,192 ids: one line, as training wrote it
+    return json.dumps(record, indent=indent) + "\n"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -199,8 +199,8 @@ def test_cli_trains_over_a_token_map_and_evaluates_with_it(tmp_path):
     assert load_checkpoint(tmp_path / "heads")[0].token_map == "token_map.json"
     again = main(args[:-2] + ["--eval-only"])  # the heads' own map is used, whatever the flags say
     assert again["top1"] == pytest.approx(trained["top1"], abs=1e-6)
-    with pytest.raises(ValueError, match="token-map-size"):
-        main(args[:-1] + ["16"])  # resuming with another map size
+    with pytest.raises(ValueError, match="token.map.size"):
+        main(args[:-1] + ["16"])  # another map size into finished heads: refused, never relabelled
 
 
 def test_gradient_accumulation_equals_the_larger_batch(tmp_path):

@@ -88,12 +88,18 @@ def nucleus(dist, top_p):
     return {t: p / total for t, p in kept.items()}
 
 
-def nucleus_case(top_p):
-    """(logits [5, V] as numpy, the exact law of the step's first two emitted tokens)."""
-    logits = np.full((5, V), math.log(1e-12), np.float32)
-    for node, dist in enumerate(NUCLEUS_ROWS):
+def rows_logits(rows, vocab: int = V) -> np.ndarray:
+    """Logits [len(rows), vocab] whose softmax is each row's {token: p} (other tokens ~1e-12)."""
+    logits = np.full((len(rows), vocab), math.log(1e-12), np.float32)
+    for node, dist in enumerate(rows):
         for token, p in dist.items():
             logits[node, token] = math.log(p)
+    return logits
+
+
+def nucleus_case(top_p):
+    """(logits [5, V] as numpy, the exact law of the step's first two emitted tokens)."""
+    logits = rows_logits(NUCLEUS_ROWS)
     law = {}
     for x1, p1 in nucleus(NUCLEUS_ROWS[0], top_p).items():
         if x1 in (1, 2):  # proposed by child a or b: accepted, then that node's own sample follows

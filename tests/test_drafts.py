@@ -4,7 +4,6 @@ backend (short and long prompts), the Jittor tree shapes compiling once, and Smo
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ from medusa.core.trees import named_trees, validate
 from medusa.decoding import TorchTree, evaluate_posterior
 
 from .conftest import make_hf_model
-from .test_decoding import V, assert_follows, nucleus
+from .test_decoding import V, assert_follows, nucleus, rows_logits
 from .test_resolve import faster_decoding_heads
 
 DRAFTS = ("heads", "ngram", "both")
@@ -140,10 +139,7 @@ DRAWS = 2000
 
 def chain_case(top_p):
     """(logits [5, V], the exact law of the first two tokens of sequential sampling)."""
-    logits = np.full((5, V), math.log(1e-12), np.float32)
-    for node, dist in enumerate(CHAIN_ROWS):
-        for token, p in dist.items():
-            logits[node, token] = math.log(p)
+    logits = rows_logits(CHAIN_ROWS, V)
     law = {}
     for x1, p1 in nucleus(CHAIN_ROWS[0], top_p).items():
         if x1 in (1, 2):

@@ -18,6 +18,7 @@ newline, which is not valid JSON and starts like one of our objects (``{``).  Th
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -34,6 +35,15 @@ _append_lock = threading.Lock()  # the judge appends from several threads
 
 class JsonlError(ValueError):
     """A file that is not JSONL of objects (beyond a partial last line left by a crash)."""
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The sha256 of a file's content, read in 4 MB blocks (weights and data files can be GBs)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 # --- atomic writes -------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ imported (it pulls in llama-cpp); only its data file is located.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Optional
 
 from .config import LlamaArgs
+from .io import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def embedded_gguf(model: EmbeddedModel) -> Path:
 
 def _converted_gguf(gguf: Path, name: str) -> Path:
     """The safetensors directory converted once from ``gguf`` (atomic: a killed conversion is redone)."""
-    digest = _file_hash(gguf)[:16]
+    digest = file_sha256(gguf)[:16]
     done = [d for d in (cache_root() / "models").glob(f"*-{digest}") if (d / "config.json").is_file()]
     if done:  # converted before, maybe under another name (the short name and the file are one model)
         return done[0]
@@ -175,11 +175,3 @@ def convert_gguf(gguf: Path, out_dir: Path) -> None:
     save_file({k: v.contiguous() for k, v in state.items()}, str(out_dir / "model.safetensors"))
     model.generation_config.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-
-
-def _file_hash(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -38,7 +38,7 @@ import torch
 from ..backend import pick_device, torch_dtype
 from ..core.checkpoint import CONFIG_NAME, load_checkpoint
 from ..core.config import MedusaConfig, check_context
-from ..core.io import atomic_write_text
+from ..core.io import atomic_write_text, file_sha256
 from ..core.models import DEFAULT_MODEL, ModelError, load_args, resolve_model
 from ..core.token_map import TOKEN_MAP_FILE, load_token_map
 from ..core.weights import hf_weight_map, read_hf_numpy
@@ -46,8 +46,8 @@ from ..heads import MedusaHeads, heads_from_state
 from ..llama import load_llama
 from .data import Conversation, load_conversations
 from .dataset import tokenize_conversation
-from .hidden_cache import (CacheKey, HiddenFn, build_cache, default_cache_dir, file_sha256, model_fingerprint,
-                           read_meta, torch_hidden_fn)
+from .hidden_cache import (CacheKey, HiddenFn, build_cache, default_cache_dir, model_fingerprint, read_meta,
+                           torch_hidden_fn)
 from .token_map import write_token_map
 from .trainer import METRICS_FILE, HeadsWithBase, TokenData, TrainConfig, TrainError, evaluate, train
 

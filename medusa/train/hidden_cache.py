@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..core.io import atomic_write, atomic_write_text
+from ..core.io import atomic_write, atomic_write_text, file_sha256
 from ..core.models import cache_root
 from ..llama import KVCache, Transformer
 from .dataset import Example
@@ -239,14 +239,6 @@ def model_fingerprint(model_dir: Path) -> str:
         stat = f.stat()
         h.update(f"{f.name}\0{stat.st_size}\0".encode())
         h.update(file_sha256(f).encode() if stat.st_size <= CONTENT_HASH_LIMIT else str(stat.st_mtime_ns).encode())
-    return h.hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
     return h.hexdigest()
 
 

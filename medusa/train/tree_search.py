@@ -47,7 +47,8 @@ from ..core.models import DEFAULT_MODEL, load_args, resolve_model
 from ..core.token_map import TOKEN_MAP_FILE
 from ..core.trees import TOPK, Tree, validate
 from .cli import warn_if_untrustworthy
-from .hidden_cache import file_sha256, model_fingerprint
+from ..core.io import file_sha256
+from .hidden_cache import model_fingerprint
 
 log = logging.getLogger("medusa.train.tree_search")
 TREE_FILE = "tree.json"

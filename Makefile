@@ -18,7 +18,7 @@ $(VENV)/.installed: requirements.txt setup.py
 	touch $@
 
 demo: install
-	$(PY) -m my_judge.bench_speed --backend torch --mode both --limit 3 --turns 1 --max-new-tokens 96 --show-answers
+	$(PY) -m my_judge.bench_speed --backend torch --mode both --questions taskmix --per-category 1 --turns 1 --max-new-tokens 96 --show-answers
 
 bench: install
 	$(PY) -m my_judge.bench_speed --backend torch --mode all --limit 10 --turns 1 --max-new-tokens 128 --out results/bench_torch.json

@@ -21,7 +21,7 @@ from .core.stats import StepTimer
 from .decoding import (TorchTree, evaluate_posterior, generate_candidates, sample_token, sample_typical,
                        tree_decode, update_inputs)
 from .heads import MedusaHeads, heads_from_state
-from .llama import KVCache, Transformer, load_llama, pack_linears, packed
+from .llama import CAUSAL, KVCache, Transformer, load_llama, pack_linears, packed
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -90,9 +90,8 @@ class TorchDecoder:
         self.cache.reset()
         self.generator.manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
         t = len(ids)
-        mask = torch.ones(t, t, dtype=torch.bool, device=self.device).tril()
         positions = torch.arange(t, device=self.device)
-        self.hidden = self.model(torch.tensor([ids], device=self.device), positions, mask, self.cache)[0, -1]
+        self.hidden = self.model(torch.tensor([ids], device=self.device), positions, CAUSAL, self.cache)[0, -1]
         self.cache.commit(t)
         logits = self.model.logits(self.hidden)
         if cfg.medusa and cfg.mode == "typical":
@@ -107,8 +106,9 @@ class TorchDecoder:
         return sample_token(self.model.logits(self.hidden), cfg, self.generator)
 
     @torch.inference_mode()
-    def medusa_step(self, root: int, cfg: GenerationConfig, ngram: Optional[np.ndarray] = None) -> Verified:
-        tree = self.trees.get(cfg.draft, cfg.ngram_tokens)
+    def medusa_step(self, root: int, cfg: GenerationConfig, ngram: Optional[np.ndarray] = None,
+                    draft: Optional[str] = None) -> Verified:
+        tree = self.trees.get(draft or cfg.draft, cfg.ngram_tokens)
         with self.timer.part("heads"):
             head_topk = self._heads_topk(tree)
         chain = None if ngram is None else torch.as_tensor(ngram, device=self.device)

@@ -75,8 +75,10 @@ def tree_decode(model: Transformer, cache: KVCache, candidates: Tensor, tree: To
     forward over its root path.
     """
     n = tree.num_nodes
-    prefix = torch.ones(n, cache.length, dtype=torch.bool, device=candidates.device)
-    mask = torch.cat([prefix, tree.mask], dim=1)  # [N, length + N]
+    mask = None  # a bare root sees everything: SDPA's mask-free path, as in plain decoding
+    if n > 1:
+        prefix = torch.ones(n, cache.length, dtype=torch.bool, device=candidates.device)
+        mask = torch.cat([prefix, tree.mask], dim=1)  # [N, length + N]
     hidden = model(candidates[None], tree.position_ids + cache.length, mask, cache)[0]
     return hidden, model.logits(hidden)
 

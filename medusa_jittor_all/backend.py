@@ -75,8 +75,9 @@ class JittorDecoder:
             self.hidden = self._forward([root], np.array([self.cache.length]))
             return sample_token(self.model.logits(self.hidden), cfg, self.rng)
 
-    def medusa_step(self, root: int, cfg: GenerationConfig, ngram: Optional[np.ndarray] = None) -> Verified:
-        tree = self.trees.get(cfg.draft, cfg.ngram_tokens)
+    def medusa_step(self, root: int, cfg: GenerationConfig, ngram: Optional[np.ndarray] = None,
+                    draft: Optional[str] = None) -> Verified:
+        tree = self.trees.get(draft or cfg.draft, cfg.ngram_tokens)
         with jt.no_grad():
             with self.timer.part("heads"):
                 head_topk = self._heads_topk(tree.buffers)

@@ -119,7 +119,9 @@ def generate_answers(backend: Backend, questions: list[dict[str, Any]], opts: Ru
                  "conv_template": opts.conv_template, "max_new_tokens": opts.max_new_tokens, "turns": job.turns,
                  "temperature": "fastchat" if job.fastchat_temperatures else opts.temperature, "seed": opts.seed,
                  "top_p": opts.top_p, "acceptance": opts.acceptance, "max_len": opts.max_len, "draft": opts.draft,
-                 "posterior_threshold": opts.posterior_threshold, "posterior_alpha": opts.posterior_alpha}
+                 "posterior_threshold": opts.posterior_threshold, "posterior_alpha": opts.posterior_alpha,
+                 **({} if opts.draft == "heads" else {"ngram_tokens": opts.ngram_tokens,
+                                                     "ngram_min_match": opts.ngram_min_match})}
         done = answered(path, setup)  # every arm's file is checked before anything runs
         todo = [q for q in questions if q["question_id"] not in done]
         log.info("%s: %d of %d questions already answered", path, len(questions) - len(todo), len(questions))

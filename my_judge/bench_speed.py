@@ -3,7 +3,9 @@
 Arms (``--arms``, or a ``--mode`` preset): ``baseline`` (one token per step), ``medusa`` (Medusa with
 ``--draft``), ``heads`` / ``ngram`` / ``both`` (Medusa verifying the heads' tree, an n-gram chain
 from the context, or both: ``core.drafts``), ``hf`` / ``hf_lookup`` (HF ``generate``, plain and with
-prompt lookup, on the same weights).  Every arm runs all questions back to back after one warm-up.
+prompt lookup, on the same weights).  Each arm is warmed up once; then the arms take turns on every
+question (baseline, then each other arm, then the next question), so a machine whose speed drifts
+over minutes (a shared VM's does by 10-30%) biases no arm.
 
 Prints one row per category and arm (and "all"): end-to-end tokens/s (new tokens over wall time,
 prefill included), speedup over the baseline, τ (tokens per step), prefill tokens/s (prompt tokens
@@ -144,12 +146,12 @@ def bench(opts: RunOptions, plan: BenchPlan, questions: list[dict[str, Any]], ba
     cfg = run_config(tok, opts)
     skipped: dict[str, str] = {}
     records: list[Record] = []
-    for arm in [*_arms(plan.arm_names, backend, opts, skipped), *extra_arms]:
-        if not _warm_up(arm, tok, questions[0], cfg, opts.conv_template, skipped):
-            continue
-        if hasattr(backend.decoder, "timer"):
-            backend.decoder.timer.reset()  # --profile: time steady-state steps only
-        for q in tqdm(questions, desc=f"{opts.backend}/{arm.name}", unit="q"):
+    arms = [arm for arm in [*_arms(plan.arm_names, backend, opts, skipped), *extra_arms]
+            if _warm_up(arm, tok, questions[0], cfg, opts.conv_template, skipped)]
+    if hasattr(backend.decoder, "timer"):
+        backend.decoder.timer.reset()  # --profile: time steady-state steps only
+    for q in tqdm(questions, desc=f"{opts.backend}: {','.join(a.name for a in arms)}", unit="q"):
+        for arm in arms:  # arms take turns on each question: a drifting machine speed biases none
             recs, answers = run_question(arm, tok, q, cfg, opts.conv_template, plan.turns)
             records += recs
             if plan.show_answers:

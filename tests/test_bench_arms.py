@@ -72,6 +72,14 @@ def test_table_has_every_category_and_arm(all_arms):
         assert row["tau"] >= 1
 
 
+def test_arms_take_turns_on_each_question(all_arms):
+    """A machine's speed drifts over minutes: each question is run by every arm before the next."""
+    _, result = all_arms
+    order = [(r["question_id"], r["mode"]) for r in result["records"] if r["turn"] == 1]
+    asked = [q["question_id"] for q in QUESTIONS if q["question_id"] != "m2"]
+    assert order == [(q, arm) for q in asked for arm in ARMS]
+
+
 def test_prefill_and_decode_add_up_to_the_wall_time(all_arms, tiny):
     from transformers import AutoTokenizer
 

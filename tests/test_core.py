@@ -133,6 +133,22 @@ def test_engine_counts_tokens_not_steps(medusa, limit):
     assert sum(len(s.tokens) for s in steps) == limit and steps[-1].finish_reason == "length"
 
 
+@pytest.mark.parametrize("medusa", [False, True])
+def test_the_first_token_streams_before_any_step_runs(medusa):
+    """Time to first token is the prefill's: the prefill's token is its own step, yielded before
+    the first forward pass; each later step ends with its bonus token."""
+    dec = ScriptedDecoder(list(range(10, 40)), chunk=3)
+    stream = generate(dec, [1, 1], GenerationConfig(max_new_tokens=9, medusa=medusa))
+    first = next(stream)
+    assert first.tokens == (10,) and first.sources == ("bonus",) and dec.pos == 0  # no step ran yet
+    rest = list(stream)
+    assert [t for s in (first, *rest) for t in s.tokens] == list(range(10, 19))
+    assert all(s.sources[-1] == "bonus" for s in rest[:-1])
+    if medusa:  # three tokens a step: two accepted drafts, then the bonus
+        assert rest[0].tokens == (11, 12, 13) and rest[0].sources == ("heads", "heads", "bonus")
+        assert rest[0].accepted == 2
+
+
 def test_engine_stops_before_kv_overflow():
     dec = ScriptedDecoder(list(range(10, 60)), chunk=3, tree=4, max_len=12)
     steps = list(generate(dec, [1, 1, 1], GenerationConfig(max_new_tokens=50)))

@@ -163,7 +163,9 @@ class GenerationConfig:
 
     ``draft`` says what fills the verified tree (``core.drafts``): ``heads`` (Medusa's tree),
     ``ngram`` (a chain of ``ngram_tokens`` tokens continuing the longest earlier match of the
-    context's suffix: prompt lookup) or ``both`` (the heads' tree plus that chain).
+    context's suffix: prompt lookup) or ``both`` (the heads' tree plus that chain).  The chain is
+    verified only on steps whose context matches at least ``ngram_min_match`` tokens
+    (``core.drafts.step_draft``); other steps verify the bare root (``ngram``) or the heads' tree.
     """
 
     max_new_tokens: int = 256
@@ -176,7 +178,8 @@ class GenerationConfig:
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     seed: Optional[int] = None
     draft: Draft = "heads"
-    ngram_tokens: int = 6
+    ngram_tokens: int = 12
+    ngram_min_match: int = 2
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -191,6 +194,8 @@ class GenerationConfig:
             raise ValueError(f"unknown draft {self.draft!r}: use {', '.join(DRAFTS)}")
         if self.ngram_tokens < 1:
             raise ValueError("ngram_tokens must be >= 1")
+        if self.ngram_min_match < 1:
+            raise ValueError("ngram_min_match must be >= 1")
 
     @property
     def mode(self) -> Acceptance:

@@ -19,18 +19,22 @@ import numpy as np
 
 from .buffers import TreeBuffers
 from .config import GenerationConfig
-from .drafts import NgramDraft, verified_nodes
+from .drafts import NgramDraft, step_draft, verified_nodes
 
 
 @dataclass(frozen=True)
 class Step:
     """What one decoding step emitted.
 
-    tokens:        the ids emitted by this step, in order (1 for baseline; 1 + accepted for Medusa)
+    The first step is the prefill's token alone (streamed before any draft is verified, so time to
+    first token is the prefill's); each later step emits the drafts its tree verification
+    accepted, then the base model's own next token (1 token for baseline, accepted + 1 for Medusa).
+
+    tokens:        the ids emitted by this step, in order
     accepted:      how many speculative (drafted) tokens the tree verification accepted
     finish_reason: None while generating; "stop" (stop id emitted) or "length" (token or KV budget)
     sources:       where each token came from: "bonus" (the base model's own choice: every baseline
-                   token, each Medusa step's first), "heads" or "ngram" (accepted drafts)
+                   token, each Medusa step's last), "heads" or "ngram" (accepted drafts)
     """
 
     tokens: tuple[int, ...]
@@ -67,10 +71,12 @@ class Decoder(Protocol):
     def decode_one(self, root: int, cfg: GenerationConfig) -> int:
         """Baseline: write ``root`` into the cache, return the next token."""
 
-    def medusa_step(self, root: int, cfg: GenerationConfig, ngram: Optional[np.ndarray] = None) -> Verified:
-        """Verify the tree of ``cfg.draft`` rooted at ``root``, its n-gram chain holding ``ngram``
-        (given unless ``cfg.draft`` is "heads"): (emitted ids starting with root, accepted, next root,
-        sources of the accepted ids)."""
+    def medusa_step(self, root: int, cfg: GenerationConfig, ngram: Optional[np.ndarray] = None,
+                    draft: Optional[str] = None) -> Verified:
+        """Verify the tree of ``draft`` (this step's mix, ``core.drafts.step_draft``; default
+        ``cfg.draft``) rooted at ``root``, its n-gram chain holding ``ngram`` (given unless
+        ``cfg.draft`` is "heads"): (emitted ids starting with root, accepted, next root, sources of
+        the accepted ids)."""
 
     def set_tree(self, buffers: TreeBuffers) -> None:
         """Verify with another tree from the next step on (tree search measures each candidate)."""
@@ -85,33 +91,31 @@ def generate(decoder: Decoder, prompt_ids: list[int], cfg: GenerationConfig) -> 
     stops = set(cfg.stop_token_ids)
     root = decoder.prefill(list(prompt_ids), cfg)
     ngram = NgramDraft(prompt_ids, cfg.ngram_tokens) if cfg.medusa and cfg.draft != "heads" else None
-    emitted = 0
     width = verified_nodes(decoder.tree_size, cfg.draft, cfg.ngram_tokens) if cfg.medusa else 1
+    out, emitted = Step((root,), 0, None, ("bonus",)), 0
     while True:
-        remaining = cfg.max_new_tokens - emitted
-        if root in stops or remaining == 1 or decoder.cache_length + width > decoder.max_len:
-            yield Step((root,), 0, "stop" if root in stops else "length", ("bonus",))
-            return
-        if cfg.medusa:
-            step = _medusa_step(decoder, root, cfg, ngram)
-        else:
-            step = Verified([root], 0, decoder.decode_one(root, cfg))
-        tokens, reason = _truncate(step.tokens, stops, remaining)
+        tokens, reason = _truncate(list(out.tokens), stops, cfg.max_new_tokens - emitted)
         emitted += len(tokens)
-        accepted = min(step.accepted, len(tokens) - 1)
-        sources = ("bonus",) + (step.sources or ("heads",) * step.accepted)
-        yield Step(tuple(tokens), accepted, reason, sources[:len(tokens)])
+        if not reason and decoder.cache_length + width > decoder.max_len:
+            reason = "length"  # the next forward pass would overflow the KV budget
+        yield Step(tuple(tokens), min(out.accepted, len(tokens)), reason, out.sources[:len(tokens)])
         if reason:
             return
+        step = _medusa_step(decoder, root, cfg, ngram) if cfg.medusa else \
+            Verified([root], 0, decoder.decode_one(root, cfg))
+        drafted = step.sources or ("heads",) * step.accepted
+        out = Step((*step.tokens[1:], step.root), step.accepted, None, (*drafted, "bonus"))
         root = step.root
 
 
 def _medusa_step(decoder: Decoder, root: int, cfg: GenerationConfig, ngram: Optional[NgramDraft]) -> Verified:
-    """One Medusa step; with an n-gram source, the context it indexes grows by what was emitted."""
+    """One Medusa step; with an n-gram source, its tree depends on the context's match
+    (``step_draft``), and the context it indexes grows by what was emitted."""
     if ngram is None:
         return Verified(*decoder.medusa_step(root, cfg))
     ngram.extend([root])
-    step = Verified(*decoder.medusa_step(root, cfg, ngram.propose()))
+    draft = step_draft(cfg.draft, ngram.match_length(), cfg.ngram_min_match)
+    step = Verified(*decoder.medusa_step(root, cfg, ngram.propose(), draft))
     ngram.extend(step.tokens[1:])
     return step
 

@@ -44,7 +44,9 @@ class RunOptions:
     posterior_alpha: float = 0.3
     baseline: bool = False
     seed: Optional[int] = None
-    draft: str = "heads"
+    draft: str = "both"  # measured ahead of heads-only in every task-mix category (docs/performance.md)
+    ngram_tokens: int = 12
+    ngram_min_match: int = 2
 
     @staticmethod
     def add_args(p: argparse.ArgumentParser, backend: bool = True, **defaults: Any) -> argparse.ArgumentParser:
@@ -83,7 +85,13 @@ class RunOptions:
         p.add_argument("--seed", type=int, default=d["seed"])
         p.add_argument("--draft", choices=DRAFTS, default=d["draft"],
                        help="draft sources verified each step: Medusa heads, n-gram lookup of the context "
-                            "(prompt lookup), or both")
+                            "(prompt lookup), or both (default: the heads' tree, plus the n-gram chain on steps "
+                            "whose context repeats)")
+        p.add_argument("--ngram-tokens", type=int, default=d["ngram_tokens"],
+                       help="n-gram draft: tokens of the context's earlier match verified per step")
+        p.add_argument("--ngram-min-match", type=int, default=d["ngram_min_match"],
+                       help="n-gram draft: verify the chain only when the context's suffix matches at least "
+                            "this many tokens (other steps verify the heads' tree, or nothing more)")
         return p
 
     @classmethod
@@ -112,5 +120,6 @@ class RunOptions:
                                acceptance=self.acceptance,  # type: ignore[arg-type]
                                posterior_threshold=self.posterior_threshold, posterior_alpha=self.posterior_alpha,
                                medusa=not self.baseline, stop_token_ids=tuple(stop_token_ids), seed=self.seed,
-                               draft=self.draft)  # type: ignore[arg-type]
+                               draft=self.draft, ngram_tokens=self.ngram_tokens,  # type: ignore[arg-type]
+                               ngram_min_match=self.ngram_min_match)
         return cfg.with_(**changes) if changes else cfg

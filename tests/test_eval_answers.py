@@ -81,7 +81,7 @@ def test_answer_record_round_trips_in_fastchat_format(tmp_path):
 def test_generate_answers_two_turns_turn_two_sees_turn_one(tmp_path):
     backend = FakeBackend()
     paths = ans.generate_answers(backend, QUESTIONS[:2], *ans.plan(_args(tmp_path)))
-    assert [p.name for p in paths] == ["m-torch-baseline.jsonl", "m-torch-medusa.jsonl"]
+    assert [p.name for p in paths] == ["m-torch-baseline.jsonl", "m-torch-medusa-both.jsonl"]  # the default draft, named
     base, med = (ans.load_answers(p) for p in paths)
     assert list(base) == [81, 111] and base[81]["choices"][0]["steps"] == [6, 6]
     assert med[81]["choices"][0]["new_tokens"] == [6, 6] and med[81]["choices"][0]["steps"] == [3, 3]

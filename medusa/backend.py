@@ -15,12 +15,12 @@ from .core.backends import BackendBase
 from .core.buffers import TreeBuffers
 from .core.config import GenerationConfig, check_context
 from .core.models import load_args
-from .core.drafts import DraftTrees, source_names
+from .core.drafts import DraftLevel, DraftTrees, draft_by_level, source_names
 from .core.engine import Verified
 from .core.stats import StepTimer
-from .decoding import (TorchTree, evaluate_posterior, generate_candidates, sample_token, sample_typical,
-                       tree_decode, update_inputs)
-from .heads import MedusaHeads, heads_from_state
+from .decoding import (TorchTree, evaluate_posterior, generate_candidates, sample_token, sample_typical, tree_decode,
+                       update_inputs)
+from .heads import HydraHeads, MedusaHeads, heads_from_state
 from .llama import CAUSAL, KVCache, Transformer, load_llama, pack_linears, packed
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -56,8 +56,10 @@ class TorchDecoder:
     """Engine primitives over a PyTorch backbone; ``heads_topk`` may run in any framework."""
 
     def __init__(self, model: Transformer, heads_topk: HeadsTopK, tree: TorchTree, max_len: int,
-                 profile: bool = False) -> None:
+                 profile: bool = False, draft_level: Optional[DraftLevel] = None) -> None:
+        """``draft_level``: sequentially dependent heads (Hydra), which draft level by level."""
         self.model, self.heads_topk, self.tree = model, heads_topk, tree
+        self.draft_level = draft_level
         self.device = model.tok_embeddings.weight.device
         self.trees = DraftTrees(tree.buffers, self._convert, tree)
         self.cache = KVCache(model.args, max_len, model.tok_embeddings.weight.dtype, self.device)
@@ -110,9 +112,13 @@ class TorchDecoder:
                     draft: Optional[str] = None) -> Verified:
         tree = self.trees.get(draft or cfg.draft, cfg.ngram_tokens)
         with self.timer.part("heads"):
-            head_topk = self._heads_topk(tree)
-        chain = None if ngram is None else torch.as_tensor(ngram, device=self.device)
-        candidates = generate_candidates(torch.tensor(root, device=self.device), head_topk, tree, chain)
+            if self.draft_level is not None:
+                drafted = draft_by_level(root, tree.buffers, tree.levels, self.hidden, self.draft_level, ngram)
+                candidates = torch.as_tensor(drafted, device=self.device)
+            else:
+                chain = None if ngram is None else torch.as_tensor(ngram, device=self.device)
+                candidates = generate_candidates(torch.tensor(root, device=self.device), self._heads_topk(tree), tree,
+                                                 chain)
         with self.timer.part("tree_forward"):
             hidden, logits = tree_decode(self.model, self.cache, candidates, tree)
         with self.timer.part("posterior"):
@@ -148,9 +154,9 @@ class TorchBackend(BackendBase):
         self.proposal_ids, self.proposal_head = self._proposal_head(run.token_map)
         pack_linears(self.model)
         self.decoder = TorchDecoder(self.model, self.heads_topk, TorchTree.from_buffers(self.tree_buffers(), self.device),
-                                    max_len, profile)
+                                    max_len, profile, self.draft_level if run.heads_config.head_type == "hydra" else None)
 
-    def _heads(self) -> MedusaHeads:
+    def _heads(self) -> MedusaHeads | HydraHeads:
         args, run = self.model.args, self.resolved
         heads = heads_from_state(run.heads_config, run.heads_state, args.hidden_size, args.vocab_size, self.dtype,
                                  self.device)
@@ -167,6 +173,13 @@ class TorchBackend(BackendBase):
     def heads_topk(self, hidden: Tensor, depth: int, k: int) -> Tensor:
         top = self.heads.topk(hidden, self.proposal_head, depth, k)
         return top if self.proposal_ids is None else self.proposal_ids[top]
+
+    def draft_level(self, k: int, hidden: Tensor, paths: np.ndarray, ranks: int) -> np.ndarray:
+        """Hydra head k over paths [M, k+1] (token ids, root first) -> its ``ranks`` best ids [M, ranks]."""
+        paths_t = torch.as_tensor(paths, device=self.device)
+        logits = self.heads.level(k, hidden, paths_t, self.proposal_head, self.model.tok_embeddings)
+        top = logits.topk(ranks, dim=-1).indices
+        return (top if self.proposal_ids is None else self.proposal_ids[top]).cpu().numpy()
 
     def synchronize(self) -> None:
         self.decoder.synchronize()

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from .core.acceptance import best_path
-from .core.buffers import TreeBuffers
+from .core.buffers import HeadLevel, TreeBuffers, head_levels
 from .core.config import GenerationConfig
 from .core.drafts import first_twins
 from .llama import KVCache, Transformer
@@ -47,12 +47,13 @@ class TorchTree:
     topk: int  # ranks per head the tree uses
     retrieve_indices_host: np.ndarray  # [P, D+1] for the path walk, which runs on the host
     buffers: TreeBuffers  # the host original (sources, head depth, chain length)
+    levels: tuple[HeadLevel, ...] = ()  # what each head drafts, for sequentially dependent heads (host)
 
     @classmethod
     def from_buffers(cls, b: TreeBuffers, device: torch.device | str) -> "TorchTree":
         t = lambda a: torch.as_tensor(a, device=device)  # noqa: E731
         return cls(t(b.attn_mask), t(b.tree_indices), t(b.position_ids), t(b.retrieve_indices),
-                   t(b.parents).clamp(min=0), b.depth, b.topk, b.retrieve_indices, b)
+                   t(b.parents).clamp(min=0), b.depth, b.topk, b.retrieve_indices, b, tuple(head_levels(b)))
 
     @property
     def num_nodes(self) -> int:

@@ -126,6 +126,9 @@ def export(heads: Path, out: Path, fmt: str, model: Optional[str] = None, dtype:
     """Write ``heads`` to ``out`` in format ``fmt``; returns the weights file written."""
     _check_choices(fmt, dtype, weights_format)
     config, state = load_checkpoint(heads)
+    if config.head_type != "medusa":  # vLLM's and TensorRT-LLM's Medusa layouts have no input projections
+        raise CheckpointError(f"{heads}: {config.head_type} heads have no vLLM or TensorRT-LLM Medusa layout; "
+                              "export Medusa heads, or serve these with python -m medusa.serve")
     token_map = read_token_map(heads, config)
     model = model or config.base_model_name_or_path or None
     base = None

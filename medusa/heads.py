@@ -62,11 +62,62 @@ class MedusaHeads(nn.ModuleList):
         return {k: v.detach().float().cpu().numpy() for k, v in self.state_dict().items()}
 
 
+class HydraHead(nn.Module):
+    """Head ``k`` of Hydra heads: the input projection, L ResBlocks, its own lm_head unless shared
+    (children named so that ``state_dict()`` keys are ``proj.*``, ``0.linear.*``, ..., ``L.weight``)."""
+
+    def __init__(self, k: int, config: MedusaConfig, hidden_size: int, vocab_size: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear((k + 2) * hidden_size, hidden_size)
+        with torch.no_grad():  # pass h through at init: a fresh head is a Medusa head
+            self.proj.weight.zero_()
+            self.proj.weight[:, :hidden_size].copy_(torch.eye(hidden_size))
+            self.proj.bias.zero_()
+        blocks = [ResBlock(hidden_size) for _ in range(config.medusa_num_layers)]
+        if not config.shared_lm_head:
+            blocks.append(nn.Linear(hidden_size, vocab_size, bias=False))
+        for j, block in enumerate(blocks):
+            self.add_module(str(j), block)
+        self.num_blocks = len(blocks)
+
+    def forward(self, hidden: Tensor, tokens: Tensor) -> Tensor:
+        """hidden [B, h], token embeddings [B, k+1, h] -> [B, h] (or [B, V] with its own lm_head)."""
+        x = self.proj(torch.cat([hidden, tokens.flatten(1)], dim=-1))
+        for j in range(self.num_blocks):  # by name: packing (``llama.pack_linears``) swaps the modules
+            x = getattr(self, str(j))(x)
+        return x
+
+
+class HydraHeads(nn.ModuleList):
+    """num_heads sequentially dependent heads (see the module docstring)."""
+
+    def __init__(self, config: MedusaConfig, hidden_size: int, vocab_size: int) -> None:
+        super().__init__([HydraHead(k, config, hidden_size, vocab_size) for k in range(config.medusa_num_heads)])
+        self.config = config
+
+    init_lm_heads = MedusaHeads.init_lm_heads
+
+    def forward(self, hidden: Tensor, base_lm_head: nn.Module, embed: nn.Module, inputs: Tensor) -> Tensor:
+        """Teacher-forced training: hidden [B, h], inputs [B, H] token ids (x_1 .. x_H) -> logits
+        [H, B, V] (fp32); head k reads ``inputs[:, :k+1]``."""
+        emb = embed(inputs)
+        states = torch.stack([head(hidden, emb[:, :k + 1]) for k, head in enumerate(self)])
+        return (base_lm_head(states) if self.config.shared_lm_head else states).float()
+
+    def level(self, k: int, hidden: Tensor, paths: Tensor, base_lm_head: nn.Module, embed: nn.Module) -> Tensor:
+        """Head k over M paths: hidden [h], paths [M, k+1] token ids (root first) -> logits [M, V]."""
+        states = self[k](hidden.expand(paths.shape[0], -1), embed(paths))
+        return (base_lm_head(states) if self.config.shared_lm_head else states).float()
+
+    numpy_state = MedusaHeads.numpy_state
+
+
 def heads_from_state(config: MedusaConfig, state: Optional[StateDict], hidden_size: int, vocab_size: int,
-                     dtype: torch.dtype, device: str) -> MedusaHeads:
+                     dtype: torch.dtype, device: str) -> MedusaHeads | HydraHeads:
     """Strictly load a numpy state dict (see ``core.checkpoint``) into PyTorch heads; ``state`` None
     gives fresh heads of ``config``'s shape."""
-    heads = MedusaHeads(config, hidden_size, vocab_size)
+    kind = HydraHeads if config.head_type == "hydra" else MedusaHeads
+    heads = kind(config, hidden_size, vocab_size)
     if state is not None:
         infer_layout(state)
         check_shapes(state, hidden_size, vocab_size)

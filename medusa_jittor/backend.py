@@ -17,16 +17,17 @@ from torch import Tensor
 
 from medusa.backend import TorchBackend
 
-from .heads import MedusaHeads, heads_from_state, jittor_rows
+from .heads import HydraHeads, MedusaHeads, heads_from_state, jittor_rows, topk_ids
 from .runtime import jt
 
 
 class HybridBackend(TorchBackend):
     name = "hybrid"
 
-    def _heads(self) -> MedusaHeads:
+    def _heads(self) -> MedusaHeads | HydraHeads:
         args, run = self.model.args, self.resolved
         self.bridge_s = self.heads_s = 0.0
+        self.embed: Optional[jt.nn.Embedding] = None
         self.head_calls = 0
         return heads_from_state(run.heads_config, run.heads_state, args.hidden_size, args.vocab_size)
 
@@ -51,6 +52,17 @@ class HybridBackend(TorchBackend):
         self.heads_s += t2 - t1
         self.head_calls += 1
         return out
+
+    def draft_level(self, k: int, hidden: Tensor, paths: np.ndarray, ranks: int) -> np.ndarray:
+        """Hydra head k (Jittor) over paths [M, k+1] -> its ``ranks`` best ids [M, ranks] (numpy)."""
+        if self.embed is None:  # the embedding the Hydra heads read, copied to Jittor on first use
+            self.embed = jt.nn.Embedding(*self.model.tok_embeddings.weight.shape)
+            self.embed.weight.assign(jt.array(self.model.tok_embeddings.weight.detach().float().cpu().numpy()))
+        x = jt.array(hidden.detach().float().cpu().numpy())
+        with jt.no_grad():
+            logits = self.heads.level(k, x, jt.array(paths.astype(np.int32)), self.proposal_head, self.embed)
+            top = topk_ids(logits, ranks).numpy()
+        return top if self.proposal_ids is None else self.proposal_ids.cpu().numpy()[top]
 
     def describe(self) -> dict[str, Any]:
         calls = max(self.head_calls, 1)

@@ -1,7 +1,8 @@
-"""Medusa heads in Jittor: a name-for-name mirror of ``medusa/heads.py``.
+"""Medusa and Hydra heads in Jittor: a name-for-name mirror of ``medusa/heads.py``.
 
-Same module tree (a ModuleList of Sequential(ResBlock..., Linear)), so parameter names are the
-original checkpoint keys and a checkpoint trained in either framework loads strictly in both.
+Same module tree (a ModuleList of Sequential(ResBlock..., Linear); Hydra heads add ``proj``), so
+parameter names are the original checkpoint keys and a checkpoint trained in either framework
+loads strictly in both.  Hydra heads are trained in PyTorch; here they draft (``level``).
 """
 from __future__ import annotations
 
@@ -58,6 +59,47 @@ class MedusaHeads(nn.ModuleList):
         return {k: v.numpy().astype(np.float32) for k, v in self.state_dict().items()}
 
 
+class HydraHead(nn.Module):
+    """Head ``k`` of Hydra heads: input projection over [h; k+1 token embeddings], L ResBlocks, its own
+    lm_head unless shared; children ``proj``, ``0``..``L`` as in PyTorch."""
+
+    def __init__(self, k: int, config: MedusaConfig, hidden_size: int, vocab_size: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear((k + 2) * hidden_size, hidden_size)
+        eye = np.zeros(((hidden_size, (k + 2) * hidden_size)), np.float32)
+        eye[:, :hidden_size] = np.eye(hidden_size)
+        self.proj.weight.assign(jt.array(eye))  # pass h through at init, as in PyTorch
+        self.proj.bias.assign(jt.zeros_like(self.proj.bias))
+        blocks = [ResBlock(hidden_size) for _ in range(config.medusa_num_layers)]
+        if not config.shared_lm_head:
+            blocks.append(nn.Linear(hidden_size, vocab_size, bias=False))
+        for j, block in enumerate(blocks):
+            setattr(self, str(j), block)
+        self.num_blocks = len(blocks)
+
+    def execute(self, hidden: jt.Var, tokens: jt.Var) -> jt.Var:
+        """hidden [B, h], token embeddings [B, k+1, h] -> [B, h] (or [B, V] with its own lm_head)."""
+        x = self.proj(jt.concat([hidden, tokens.reshape(tokens.shape[0], -1)], dim=-1))
+        for j in range(self.num_blocks):
+            x = getattr(self, str(j))(x)
+        return x
+
+
+class HydraHeads(nn.ModuleList):
+    """num_heads sequentially dependent heads (``medusa.heads.HydraHeads``)."""
+
+    def __init__(self, config: MedusaConfig, hidden_size: int, vocab_size: int) -> None:
+        super().__init__(*[HydraHead(k, config, hidden_size, vocab_size) for k in range(config.medusa_num_heads)])
+        self.config = config
+
+    def level(self, k: int, hidden: jt.Var, paths: jt.Var, base_lm_head: nn.Module, embed: nn.Module) -> jt.Var:
+        """Head k over M paths: hidden [h], paths [M, k+1] token ids (root first) -> logits [M, V]."""
+        states = self[k](hidden.reshape(1, -1).broadcast((paths.shape[0], hidden.shape[-1])), embed(paths))
+        return base_lm_head(states) if self.config.shared_lm_head else states
+
+    numpy_state = MedusaHeads.numpy_state
+
+
 def jittor_rows(weight: np.ndarray, ids: Optional[np.ndarray]) -> nn.Linear:
     """A bias-free Jittor Linear projecting onto rows ``ids`` of ``weight`` [V, h] (all rows if None)."""
     rows = weight if ids is None else weight[ids]
@@ -80,10 +122,11 @@ def topk_ids(scores: jt.Var, k: int) -> jt.Var:
     return jt.stack(picked, dim=1)
 
 
-def heads_from_state(config: MedusaConfig, state: Optional[StateDict], hidden_size: int, vocab_size: int) -> MedusaHeads:
+def heads_from_state(config: MedusaConfig, state: Optional[StateDict], hidden_size: int,
+                     vocab_size: int) -> MedusaHeads | HydraHeads:
     """Strictly load a numpy state dict (see ``medusa.core.checkpoint``) into Jittor heads (in eval
     mode); ``state`` None gives fresh heads of ``config``'s shape."""
-    heads = MedusaHeads(config, hidden_size, vocab_size)
+    heads = (HydraHeads if config.head_type == "hydra" else MedusaHeads)(config, hidden_size, vocab_size)
     if state is None:
         return heads.eval()
     infer_layout(state)

@@ -202,6 +202,9 @@ def measure(model_dir: Path, data: TokenData, config: MedusaConfig, state: dict,
 
 def train_heads(model_dir: Path, prepared: Prepared, cfg: TrainConfig, out: Path, base_model: str) -> dict:
     """Fresh Jittor heads (seeded: reruns start alike) trained over the prepared positions."""
+    if cfg.head_type != "medusa":
+        raise TrainError(f"--head-type {cfg.head_type}: the Jittor trainers train Medusa heads; train Hydra heads "
+                         "with python -m medusa.train")
     lm_head = base_lm_head(model_dir)
     margs = load_args(model_dir)
     jt.set_global_seed(cfg.seed)  # the heads' initial biases: reruns start alike

@@ -14,10 +14,10 @@ from medusa.core.backends import BackendBase, BackendError
 from medusa.core.buffers import TreeBuffers
 from medusa.core.config import GenerationConfig, check_context
 from medusa.core.models import load_args
-from medusa.core.drafts import DraftTrees, source_names
+from medusa.core.drafts import DraftTrees, draft_by_level, source_names
 from medusa.core.engine import Verified
 from medusa.core.stats import StepTimer
-from medusa_jittor.heads import MedusaHeads, heads_from_state, jittor_rows
+from medusa_jittor.heads import HydraHeads, MedusaHeads, heads_from_state, jittor_rows, topk_ids
 from medusa_jittor.runtime import jt
 
 from .decoding import (JittorTree, additive_mask, evaluate_posterior, generate_candidates, sample_first,
@@ -30,7 +30,7 @@ DTYPES = ("float32", "fp32")  # Jittor's CPU kernels have no bf16, and fp16 on C
 class JittorDecoder:
     """Engine primitives over the Jittor model and heads."""
 
-    def __init__(self, model: Transformer, heads: MedusaHeads, tree: JittorTree, max_len: int,
+    def __init__(self, model: Transformer, heads: MedusaHeads | HydraHeads, tree: JittorTree, max_len: int,
                  profile: bool = False, proposal_ids: Optional[np.ndarray] = None) -> None:
         """``proposal_ids``: the heads' token map (their shared projection then covers only those rows)."""
         self.model, self.heads, self.tree = model, heads, tree
@@ -80,8 +80,11 @@ class JittorDecoder:
         tree = self.trees.get(draft or cfg.draft, cfg.ngram_tokens)
         with jt.no_grad():
             with self.timer.part("heads"):
-                head_topk = self._heads_topk(tree.buffers)
-            candidates = generate_candidates(root, head_topk, tree, ngram)
+                if isinstance(self.heads, HydraHeads):
+                    candidates = draft_by_level(root, tree.buffers, tree.levels, self.hidden, self.draft_level,
+                                                ngram).astype(np.int32)
+                else:
+                    candidates = generate_candidates(root, self._heads_topk(tree.buffers), tree, ngram)
             with self.timer.part("tree_forward"):
                 hidden, logits = tree_decode(self.model, self.cache, candidates, tree)
             with self.timer.part("posterior"):
@@ -92,6 +95,13 @@ class JittorDecoder:
         self.timer.steps += 1
         sources = source_names(tree.buffers.sources[nodes[1:]])
         return Verified(candidates[nodes].tolist(), accepted, bonus, sources)
+
+    def draft_level(self, k: int, hidden: jt.Var, paths: np.ndarray, ranks: int) -> np.ndarray:
+        """Hydra head k over paths [M, k+1] (token ids, root first) -> its ``ranks`` best ids [M, ranks]."""
+        logits = self.heads.level(k, hidden, jt.array(paths.astype(np.int32)), self.proposal_head,
+                                  self.model.tok_embeddings)
+        top = topk_ids(logits, ranks).numpy()
+        return top if self.proposal_ids is None else self.proposal_ids[top]
 
     def _heads_topk(self, b: TreeBuffers) -> np.ndarray:
         """[heads the tree reads, TOPK] ids; none for a tree without heads' nodes (n-gram only)."""

@@ -17,7 +17,7 @@ from typing import Optional
 import numpy as np
 
 from medusa.core.acceptance import best_path, sample_top_p, sample_typical, softmax, typical_threshold
-from medusa.core.buffers import TreeBuffers, step_visibility
+from medusa.core.buffers import HeadLevel, TreeBuffers, head_levels, step_visibility
 from medusa.core.config import GenerationConfig
 from medusa.core.drafts import first_twins
 from medusa_jittor.runtime import jt
@@ -31,10 +31,11 @@ class JittorTree:
 
     buffers: TreeBuffers
     parents: np.ndarray  # [N], root's parent clamped to 0 (never read as a parent)
+    levels: tuple[HeadLevel, ...] = ()  # what each head drafts, for sequentially dependent heads
 
     @classmethod
     def from_buffers(cls, b: TreeBuffers) -> "JittorTree":
-        return cls(b, np.maximum(b.parents, 0))
+        return cls(b, np.maximum(b.parents, 0), tuple(head_levels(b)))
 
     @property
     def num_nodes(self) -> int:

@@ -28,6 +28,8 @@
 #   EVAL_FRACTION   share of conversations held out to measure the heads and choose the tree; at least
 #                   one is held out, and a warning says when too few to trust   (default 0.05)
 #   NUM_HEADS NUM_LAYERS EPOCHS LR BATCH_TOKENS   head shape and schedule (default 4 1 2 2e-3 1024)
+#   HEAD_TYPE       medusa, or hydra (each head also reads the tokens drafted before it; trained by
+#                   TRAINER=torch into $WORK/$NAME-heads-hydra, served by every backend)   (default medusa)
 #   TOKEN_MAP_SIZE  proposal vocabulary the heads train over and propose from (default 8192; 0 = full)
 #   BACKBONE_DTYPE  dtype of the PyTorch backbone pass (torch, hybrid; Jittor's is float32) (default bfloat16)
 #   LAUNCH          how training starts: "$PY", or for TRAINER=torch e.g. "accelerate launch --num_processes 8"
@@ -47,6 +49,7 @@ DEVICE=${DEVICE:-auto}
 CACHE=${CACHE:-$WORK/hidden}
 LAUNCH=${LAUNCH:-$PY}
 TRAINER=${TRAINER:-torch}
+HEAD_TYPE=${HEAD_TYPE:-medusa}
 
 recipe_error() {  # one line, like the Python tools' errors, and exit status 2
     echo "ERROR recipe: $*" >&2
@@ -59,6 +62,12 @@ case "$TRAINER" in
     hybrid) TRAIN_MODULE=medusa_jittor.train;     OUT=${OUT:-$WORK/$NAME-heads-jittor};     TREE_BACKENDS=${TREE_BACKENDS-hybrid} ;;
     jittor) TRAIN_MODULE=medusa_jittor_all.train; OUT=${OUT:-$WORK/$NAME-heads-jittor-all}; TREE_BACKENDS=${TREE_BACKENDS-jittor} ;;
     *) recipe_error "TRAINER=$TRAINER: use torch, hybrid or jittor" ;;
+esac
+case "$HEAD_TYPE" in
+    medusa) ;;
+    hydra)  [ "$TRAINER" = torch ] || recipe_error "HEAD_TYPE=hydra trains with TRAINER=torch (the Jittor trainers train Medusa heads)"
+            if [ "$OUT" = "$WORK/$NAME-heads" ]; then OUT=$WORK/$NAME-heads-hydra; fi ;;
+    *) recipe_error "HEAD_TYPE=$HEAD_TYPE: use medusa or hydra" ;;
 esac
 
 # Paths that cannot work fail here, in one line, before anything runs for minutes.
@@ -87,7 +96,7 @@ train_heads() {
         --max-length "${MAX_LENGTH:-512}" --eval-fraction "${EVAL_FRACTION:-0.05}" --device "$DEVICE" \
         --backbone-dtype "${BACKBONE_DTYPE:-bfloat16}" --num-heads "${NUM_HEADS:-4}" \
         --num-layers "${NUM_LAYERS:-1}" --epochs "${EPOCHS:-2}" --lr "${LR:-2e-3}" \
-        --batch-tokens "${BATCH_TOKENS:-1024}" --token-map-size "${TOKEN_MAP_SIZE:-8192}"
+        --batch-tokens "${BATCH_TOKENS:-1024}" --token-map-size "${TOKEN_MAP_SIZE:-8192}" --head-type "$HEAD_TYPE"
 }
 
 # torch's tree (tree.json, named in the heads' config) and one per TREE_BACKENDS, each reused when saved

@@ -332,6 +332,21 @@ def test_every_knob_reaches_every_trainer(tmp_path, trainer, tree_backends):
     assert all(t.startswith("-m medusa.train.tree_search") and "--budgets 1 2" in t for t in trees)
 
 
+def test_hydra_heads_train_in_torch_into_their_own_directory(tmp_path):
+    py, log = fake_python(tmp_path)
+    knobs = dict(ENV, PY=str(py), MODEL="m", WORK=str(tmp_path / "w"), DEVICE="cpu", HEAD_TYPE="hydra")
+    run = run_script(RECIPES["torch"], knobs)
+    assert run.returncode == 0, run.stderr
+    _, train, *trees = log.read_text().splitlines()
+    assert "--head-type hydra" in train and f"--out {tmp_path}/w/m-heads-hydra " in train
+    assert [t.split("--backend ")[1].split()[0] for t in trees[1:]] == ["jittor"]  # every backend runs them
+    for trainer in ("hybrid", "jittor"):
+        bad = run_script(RECIPES[trainer], knobs)
+        assert bad.returncode == 2 and bad.stderr.strip().startswith("ERROR recipe: HEAD_TYPE=hydra"), bad.stderr
+    bad = run_script(RECIPES["torch"], dict(knobs, HEAD_TYPE="eagle"))
+    assert bad.returncode == 2 and "HEAD_TYPE=eagle" in bad.stderr
+
+
 def test_bad_model_data_and_out_are_one_line(tmp_path, tiny_chat):
     source = sharegpt(tmp_path / "sg.json", ["hi"] * 3)
     a_file = tmp_path / "a-file"

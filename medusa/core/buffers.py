@@ -98,6 +98,52 @@ def graft_chain(b: TreeBuffers, length: int) -> TreeBuffers:
     )
 
 
+@dataclass(frozen=True)
+class HeadLevel:
+    """The heads' nodes at depth d + 1 of a tree: what head d drafts in one batched call.
+
+    Medusa heads read only the hidden state, so ``tree_indices`` places their top-k directly; Hydra
+    heads also read the tokens of the path they extend, so head d runs once per distinct parent.
+
+    parents:  [M] the depth-d nodes with heads' children, ascending
+    paths:    [M, d + 1] node indices from the root to each parent
+    children: [C] the heads' nodes at depth d + 1
+    row:      [C] the row of ``parents`` each child hangs from
+    rank:     [C] the child's rank in its parent's top-k
+    """
+
+    parents: np.ndarray
+    paths: np.ndarray
+    children: np.ndarray
+    row: np.ndarray
+    rank: np.ndarray
+
+    @property
+    def topk(self) -> int:
+        return int(self.rank.max()) + 1
+
+
+def head_levels(b: TreeBuffers) -> list[HeadLevel]:
+    """One ``HeadLevel`` per depth the heads draft (``b.head_depth``), shallowest first."""
+    heads = np.flatnonzero(b.sources == HEADS)
+    levels = []
+    for d in range(b.head_depth):
+        children = heads[b.position_ids[heads] == d + 1]
+        parents = np.unique(b.parents[children])
+        paths = np.array([_path(b.parents, p) for p in parents], dtype=np.int64).reshape(len(parents), d + 1)
+        levels.append(HeadLevel(parents, paths, children, np.searchsorted(parents, b.parents[children]),
+                                (b.tree_indices[children] - 1) % TOPK))
+    return levels
+
+
+def _path(parents: np.ndarray, node: int) -> list[int]:
+    """Node indices from the root to ``node``."""
+    path = [int(node)]
+    while parents[path[0]] >= 0:
+        path.insert(0, int(parents[path[0]]))
+    return path
+
+
 def _add_row(rows: np.ndarray, path: np.ndarray) -> np.ndarray:
     """``rows`` without a bare-root row (the root stops being a leaf) plus ``path``, -1 padded."""
     rows = rows[(rows[:, 1:] >= 0).any(axis=1)]

@@ -8,6 +8,12 @@ state dict of the original ``nn.ModuleList`` of heads::
     {i}.{j}.linear.bias    [h]
     {i}.{L}.weight         [V, h]   head i's own lm_head   (absent in the shared-lm_head layout)
 
+Hydra heads (``head_type: "hydra"``) add one input projection per head, which reads the hidden
+state and the embeddings of the i + 1 tokens before head i's target (root first)::
+
+    {i}.proj.weight        [h, (i+2)h]
+    {i}.proj.bias          [h]
+
 A Medusa-2 checkpoint is one model directory: the backbone plus the same tensors under
 ``medusa_head.`` inside the model's own shards, the counts in its ``config.json`` (top level,
 nested under ``"medusa"``, or in ``medusa_config.json``).
@@ -49,6 +55,7 @@ MEDUSA_FIELDS = ("medusa_num_heads", "medusa_num_layers", "base_model_name_or_pa
 _NESTED_ALIASES = {"num_heads": "medusa_num_heads", "num_layers": "medusa_num_layers"}
 
 _KEY = re.compile(r"^(\d+)\.(\d+)\.(linear\.weight|linear\.bias|weight)$")
+_PROJ = re.compile(r"^(\d+)\.proj\.(weight|bias)$")  # hydra heads only
 
 StateDict = dict[str, np.ndarray]
 
@@ -57,10 +64,12 @@ class CheckpointError(ValueError):
     """A Medusa checkpoint that is missing, malformed or does not fit the base model."""
 
 
-def head_keys(num_heads: int, num_layers: int, shared_lm_head: bool) -> list[str]:
+def head_keys(num_heads: int, num_layers: int, shared_lm_head: bool, hydra: bool = False) -> list[str]:
     """Every key a checkpoint of this shape holds, in order."""
     keys = []
     for i in range(num_heads):
+        if hydra:
+            keys += [f"{i}.proj.weight", f"{i}.proj.bias"]
         for j in range(num_layers):
             keys += [f"{i}.{j}.linear.weight", f"{i}.{j}.linear.bias"]
         if not shared_lm_head:
@@ -84,19 +93,27 @@ def build_head_modules(nn: Any, res_block: Callable[[int], Any], config: MedusaC
     return heads
 
 
+def is_hydra(state: StateDict) -> bool:
+    """Whether ``state`` holds Hydra heads (input projections, see the module docstring)."""
+    return any(_PROJ.match(k) for k in state)
+
+
 def infer_layout(state: StateDict) -> tuple[int, int, bool]:
     """(num_heads, num_layers, shared_lm_head) from the keys alone; raises on foreign keys."""
-    bad = [k for k in state if not _KEY.match(k)]
+    bad = [k for k in state if not (_KEY.match(k) or _PROJ.match(k))]
     if bad:
         raise CheckpointError(f"unexpected key {bad[0]!r}: not a Medusa head checkpoint")
     if not state:
         raise CheckpointError("the checkpoint holds no tensors")
-    parsed = [_KEY.match(k).groups() for k in state]  # type: ignore[union-attr]
+    hydra = is_hydra(state)
+    parsed = [_KEY.match(k).groups() for k in state if _KEY.match(k)]  # type: ignore[union-attr]
+    if not parsed:
+        raise CheckpointError("the checkpoint holds input projections but no heads")
     num_heads = 1 + max(int(i) for i, _, _ in parsed)
     num_layers = 1 + max(int(j) for _, j, kind in parsed if kind != "weight") if any(
         kind != "weight" for _, _, kind in parsed) else 0
     shared = not any(kind == "weight" for _, _, kind in parsed)
-    expected = head_keys(num_heads, num_layers, shared)
+    expected = head_keys(num_heads, num_layers, shared, hydra)
     missing = [k for k in expected if k not in state]
     extra = [k for k in state if k not in set(expected)]
     if missing or extra:
@@ -108,9 +125,14 @@ def infer_layout(state: StateDict) -> tuple[int, int, bool]:
 def check_shapes(state: StateDict, hidden_size: int, vocab_size: int) -> None:
     """Raise CheckpointError unless every tensor fits a base model of this hidden size and vocab."""
     for key, value in state.items():
-        kind = _KEY.match(key).group(3)  # type: ignore[union-attr]
-        want = {"linear.weight": (hidden_size, hidden_size), "linear.bias": (hidden_size,),
-                "weight": (vocab_size, hidden_size)}[kind]
+        proj = _PROJ.match(key)
+        if proj:
+            head, kind = int(proj.group(1)), proj.group(2)
+            want = (hidden_size, (head + 2) * hidden_size) if kind == "weight" else (hidden_size,)
+        else:
+            kind = _KEY.match(key).group(3)  # type: ignore[union-attr]
+            want = {"linear.weight": (hidden_size, hidden_size), "linear.bias": (hidden_size,),
+                    "weight": (vocab_size, hidden_size)}[kind]
         if tuple(value.shape) != want:
             raise CheckpointError(
                 f"head tensor {key} has shape {tuple(value.shape)}, the base model needs {want} "
@@ -144,6 +166,10 @@ def config_for(state: StateDict, raw: dict[str, Any], where: Path, base_model: O
     num_heads, num_layers, shared = infer_layout(state)
     fields = medusa_fields(raw)
     _warn_disagreements(fields, num_heads, num_layers, shared, where)
+    head_type = str(fields.get("head_type", "hydra" if is_hydra(state) else "medusa"))
+    if (head_type == "hydra") != is_hydra(state):
+        held = "Hydra input projections" if is_hydra(state) else "no Hydra input projections"
+        raise CheckpointError(f"{where}: head_type is {head_type!r} but the weights hold {held}")
     try:
         return MedusaConfig(
             medusa_num_heads=num_heads,
@@ -153,7 +179,7 @@ def config_for(state: StateDict, raw: dict[str, Any], where: Path, base_model: O
             shared_lm_head=shared,
             tree=fields.get("tree"),
             token_map=fields.get("token_map"),
-            head_type=str(fields.get("head_type", "medusa")),
+            head_type=head_type,
         )
     except ValueError as err:
         raise CheckpointError(f"{where}: {err}") from err
@@ -255,7 +281,8 @@ def save_checkpoint(path: str | os.PathLike[str], config: MedusaConfig, state: S
                     fmt: str = "safetensors", extra: Optional[dict[str, Any]] = None) -> Path:
     """Write config.json + weights atomically; ``fmt`` is ``safetensors`` or ``pt`` (needs torch)."""
     num_heads, num_layers, shared = infer_layout(state)
-    if (num_heads, num_layers, shared) != (config.medusa_num_heads, config.medusa_num_layers, config.shared_lm_head):
+    if (num_heads, num_layers, shared, is_hydra(state)) != (config.medusa_num_heads, config.medusa_num_layers,
+                                                            config.shared_lm_head, config.head_type == "hydra"):
         raise CheckpointError("config does not describe the state dict being saved")
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)

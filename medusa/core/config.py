@@ -128,8 +128,10 @@ def _llama3_scale(freq: float, s: dict[str, Any]) -> float:
 
 
 # Head architectures a checkpoint may declare (``head_type`` in its config.json); a config without
-# the field is a Medusa checkpoint, as every one published before the field existed.
-HEAD_TYPES = ("medusa",)
+# the field is a Medusa checkpoint, as every one published before the field existed.  ``hydra``
+# heads (Ankner et al. 2024, arxiv 2402.05109) are sequentially dependent: head k also reads the
+# embeddings of the root token and of the tokens heads < k drafted on its path (``medusa.heads``).
+HEAD_TYPES = ("medusa", "hydra")
 
 
 @dataclass(frozen=True)

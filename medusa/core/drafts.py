@@ -16,11 +16,11 @@ accepted path is a prefix of the same sequentially sampled chain.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Generic, Iterable, Optional, TypeVar
+from typing import Any, Callable, Generic, Iterable, Optional, Sequence, TypeVar
 
 import numpy as np
 
-from .buffers import SOURCES, TreeBuffers, build_buffers, graft_chain
+from .buffers import NGRAM, SOURCES, HeadLevel, TreeBuffers, build_buffers, graft_chain
 from .config import Draft
 
 T = TypeVar("T")
@@ -170,6 +170,27 @@ class DraftTrees(Generic[T]):
         if key not in self._grafted:
             self._grafted[key] = self.convert(draft_buffers(self.buffers, draft, length))
         return self._grafted[key]
+
+
+# Sequentially dependent heads (Hydra), as a backend runs them: (head k, the hidden state in the
+# backend's framework, path token ids [M, k+1] root first, ranks) -> the heads' best ids [M, ranks]
+DraftLevel = Callable[[int, Any, np.ndarray, int], np.ndarray]
+
+
+def draft_by_level(root: int, tree: TreeBuffers, levels: Sequence[HeadLevel], hidden: Any, draft_level: DraftLevel,
+                   ngram: Optional[np.ndarray] = None) -> np.ndarray:
+    """Tree candidates [N] from sequentially dependent heads: head d runs once on the paths of the
+    depth-d nodes that have heads' children (``buffers.head_levels``), and each child takes its
+    rank of its parent's top-k; the n-gram chain, if any, fills its own nodes.  Same nodes and
+    order as the flat Medusa layout (``tree_indices``), so verification is unchanged."""
+    tokens = np.zeros(tree.num_nodes, dtype=np.int64)
+    tokens[0] = root
+    for d, level in enumerate(levels):
+        top = np.asarray(draft_level(d, hidden, tokens[level.paths], level.topk))  # [M, topk]
+        tokens[level.children] = top[level.row, level.rank]
+    if tree.chain:
+        tokens[tree.sources == NGRAM] = ngram
+    return tokens
 
 
 def first_twins(candidates: np.ndarray, parents: np.ndarray) -> np.ndarray:

@@ -42,7 +42,7 @@ from ..core.io import atomic_write_text, file_sha256
 from ..core.models import DEFAULT_MODEL, ModelError, load_args, resolve_model
 from ..core.token_map import TOKEN_MAP_FILE, load_token_map
 from ..core.weights import hf_weight_map, read_hf_numpy
-from ..heads import MedusaHeads, heads_from_state
+from ..heads import HydraHeads, MedusaHeads, heads_from_state
 from ..llama import load_llama
 from .data import Conversation, load_conversations
 from .dataset import tokenize_conversation
@@ -132,7 +132,7 @@ class Backbone:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Train Medusa-1 heads on a frozen base model.")
+    p = argparse.ArgumentParser(description="Train Medusa-1 (or Hydra) heads on a frozen base model.")
     p.add_argument("--model", default=None,
                    help=f"base model (default {DEFAULT_MODEL}; with --eval-only the heads' base model)")
     DataOptions.add_args(p)
@@ -324,6 +324,8 @@ def training_token_map(out: Path, cache_dir: Path, cfg: TrainConfig) -> np.ndarr
 def run_identity(model_dir: Path, opts: DataOptions, backbone: Backbone, cfg: TrainConfig) -> dict[str, Any]:
     """What decides the trained heads: data content, model, backbone, tokenisation, training flags."""
     training = {k: v for k, v in asdict(cfg).items() if k not in UNRECORDED}
+    if cfg.head_type == "medusa":  # runs recorded before the field existed keep their identity
+        del training["head_type"]
     return {"data": str(opts.data.resolve()), "data_sha256": file_sha256(opts.data),
             "model_dir": str(model_dir.resolve()), "model_fingerprint": model_fingerprint(model_dir),
             "backbone": backbone.framework, "backbone_dtype": backbone.dtype, "max_length": opts.max_length,
@@ -375,9 +377,10 @@ def record_metrics(out: Path, metrics: dict[str, Any], identity: dict[str, Any],
 
 # --- heads ---------------------------------------------------------------------------------------
 
-def base_lm_head(model_dir: Path) -> np.ndarray:
-    """The base model's output projection [V, h] in fp32, read alone from its weight files."""
-    (name,) = hf_weight_map(load_args(model_dir))["output.weight"]
+def base_lm_head(model_dir: Path, weight: str = "output.weight") -> np.ndarray:
+    """The base model's output projection [V, h] (or another of its weights, e.g. the embedding
+    ``tok_embeddings.weight``) in fp32, read alone from its weight files."""
+    (name,) = hf_weight_map(load_args(model_dir))[weight]
     state = read_hf_numpy(model_dir, keep=lambda key: key == name)
     if name not in state:
         raise ModelError(f"{model_dir}: weight {name} is missing from the checkpoint")
@@ -397,10 +400,19 @@ def fresh_heads(model_dir: Path, cfg: TrainConfig, vocab_ids: Optional[np.ndarra
     """Heads to train, initialised from ``cfg.seed`` (reruns start alike), and the base lm_head in fp32."""
     weight = torch.from_numpy(base_lm_head(model_dir))
     torch.manual_seed(cfg.seed)
-    heads = MedusaHeads(MedusaConfig(cfg.num_heads, cfg.num_layers, shared_lm_head=cfg.shared_lm_head),
-                        weight.shape[1], weight.shape[0])
+    kind = HydraHeads if cfg.head_type == "hydra" else MedusaHeads
+    heads = kind(MedusaConfig(cfg.num_heads, cfg.num_layers, shared_lm_head=cfg.shared_lm_head, head_type=cfg.head_type),
+                 weight.shape[1], weight.shape[0])
     heads.init_lm_heads(weight)
     return heads, lm_head_rows(weight, vocab_ids)
+
+
+def base_embedding(model_dir: Path, head_type: str) -> Optional[torch.nn.Embedding]:
+    """The frozen token embedding Hydra heads read (None for Medusa heads)."""
+    if head_type != "hydra":
+        return None
+    weight = torch.from_numpy(base_lm_head(model_dir, "tok_embeddings.weight"))
+    return torch.nn.Embedding.from_pretrained(weight, freeze=True)
 
 
 def eval_setup(heads_dir: Path, cfg: TrainConfig) -> tuple[MedusaConfig, dict, Optional[np.ndarray], TrainConfig]:
@@ -408,7 +420,8 @@ def eval_setup(heads_dir: Path, cfg: TrainConfig) -> tuple[MedusaConfig, dict, O
     config, state = load_checkpoint(heads_dir)
     vocab = load_token_map(heads_dir, config)
     cfg = replace(cfg, num_heads=config.medusa_num_heads, num_layers=config.medusa_num_layers,
-                  shared_lm_head=config.shared_lm_head, token_map_size=0 if vocab is None else len(vocab))
+                  shared_lm_head=config.shared_lm_head, token_map_size=0 if vocab is None else len(vocab),
+                  head_type=config.head_type)
     return config, state, vocab, cfg
 
 
@@ -524,7 +537,8 @@ def backbone_dtype(args: argparse.Namespace) -> str:
 
 def train_torch(model_dir: Path, prepared: Prepared, cfg: TrainConfig, out: Path, base_model: str) -> dict:
     heads, lm_head = fresh_heads(model_dir, cfg, prepared.vocab_ids)
-    return train(heads, lm_head, prepared.splits["train"], prepared.splits["eval"], cfg, out, base_model)
+    return train(heads, lm_head, prepared.splits["train"], prepared.splits["eval"], cfg, out, base_model,
+                 base_embedding(model_dir, cfg.head_type))
 
 
 def torch_measure(device: str) -> Measure:
@@ -533,7 +547,9 @@ def torch_measure(device: str) -> Measure:
         where = rank_device(device)
         weight = torch.from_numpy(base_lm_head(model_dir))
         heads = heads_from_state(config, state, weight.shape[1], weight.shape[0], torch.float32, where)
-        return evaluate(HeadsWithBase(heads, lm_head_rows(weight, vocab).to(where)), data, cfg)
+        embed = base_embedding(model_dir, config.head_type)
+        return evaluate(HeadsWithBase(heads, lm_head_rows(weight, vocab).to(where),
+                                      None if embed is None else embed.to(where)), data, cfg)
 
     return measure
 

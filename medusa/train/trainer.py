@@ -4,6 +4,9 @@ Head k at position t predicts the token at t+k+2 (the base lm_head already predi
 loss is Σ_k λ^k · CE_k over assistant tokens (λ = 0.8 by default).  Training reads cached hidden
 states (``hidden_cache``, memory-mapped), shuffles *token positions* (heads see one position at a
 time, so sequences need not stay together) and runs AdamW with linear warm-up and cosine decay.
+Hydra heads (``--head-type hydra``) train the same way with teacher forcing: head k at t also
+reads the true tokens t+1..t+k+1 (``TokenData.inputs``, from the cached ids), which at inference
+are the root and the drafts of heads < k on the path being extended.
 
 Distribution (``accelerate launch --num_processes N -m medusa.train``): every epoch's batches are
 dealt round-robin over the ranks (``rank_batches``), so each rank trains different positions and
@@ -37,7 +40,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -46,11 +49,11 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from ..core.checkpoint import save_checkpoint
-from ..core.config import MedusaConfig
+from ..core.config import HEAD_TYPES, MedusaConfig
 from ..core.io import atomic_write_text
 from ..core.token_map import TOKEN_MAP_FILE
 from ..core.trees import TOPK
-from ..heads import MedusaHeads
+from ..heads import HydraHeads, MedusaHeads
 from .dataset import IGNORE_INDEX
 from .hidden_cache import open_hidden, shard_files
 
@@ -68,6 +71,7 @@ _HELP = {
     "max_steps": "stop at this optimiser step; the schedule spans the shortened run (smoke runs)",
     "stop_after": "save and stop after this many optimiser steps in this run, schedule unchanged; rerun to go on",
     "save_every": "optimiser steps between checkpoints (resume state + published heads)",
+    "head_type": "medusa (heads read the hidden state) or hydra (each head also reads the tokens drafted before it)",
 }
 
 
@@ -94,8 +98,11 @@ class TrainConfig:
     stop_after: int = 0  # > 0: save and stop after this many optimiser steps in this run; the schedule is unchanged
     token_map_size: int = 0  # > 0: train over that many most frequent target ids (shared lm_head only)
     trace_steps: bool = False  # log every optimiser step's learning rate and batch numbers, on every rank
+    head_type: str = "medusa"  # or "hydra": sequentially dependent heads (``medusa.heads``)
 
     def __post_init__(self) -> None:
+        if self.head_type not in HEAD_TYPES:
+            raise TrainError(f"--head-type {self.head_type}: use {' or '.join(HEAD_TYPES)}")
         for name in ("num_heads", "batch_tokens", "grad_accum", "epochs", "save_every"):
             if getattr(self, name) < 1:
                 raise TrainError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -111,7 +118,7 @@ class TrainConfig:
     def medusa_config(self, base_model: str) -> MedusaConfig:
         """The ``config.json`` of heads trained with this configuration."""
         return MedusaConfig(self.num_heads, self.num_layers, base_model, self.shared_lm_head,
-                            token_map=TOKEN_MAP_FILE if self.token_map_size else None)
+                            token_map=TOKEN_MAP_FILE if self.token_map_size else None, head_type=self.head_type)
 
     @classmethod
     def add_args(cls, parser: argparse.ArgumentParser) -> None:
@@ -120,7 +127,8 @@ class TrainConfig:
         for f in fields(cls):
             if f.name not in _FLAGS and f.name != "trace_steps":
                 parser.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(defaults, f.name)),
-                                    default=getattr(defaults, f.name), help=_HELP.get(f.name))
+                                    default=getattr(defaults, f.name), help=_HELP.get(f.name),
+                                    choices=HEAD_TYPES if f.name == "head_type" else None)
         parser.add_argument("--per-head-lm-head", action="store_true",
                             help="original Medusa-1 heads with their own vocabulary projection (default: shared lm_head)")
         parser.add_argument("--fp32", action="store_true", help="train in fp32 instead of bf16 autocast")
@@ -135,14 +143,25 @@ class TrainConfig:
 
 def head_targets(labels: np.ndarray, offsets: np.ndarray, num_heads: int) -> np.ndarray:
     """[T, H] targets: column k holds labels[t + k + 2] inside the same example, else IGNORE_INDEX."""
+    return shifted_labels(labels, offsets, range(2, num_heads + 2))
+
+
+def head_inputs(ids: np.ndarray, offsets: np.ndarray, num_heads: int) -> np.ndarray:
+    """[T, H] the tokens after each position: column j holds ids[t + j + 1] inside the same example,
+    else IGNORE_INDEX (Hydra head k reads columns 0..k: the root, then the heads' drafts).  Wherever
+    head k has a target (t + k + 2 inside the example) its k + 1 inputs are inside too."""
+    return shifted_labels(ids, offsets, range(1, num_heads + 1))
+
+
+def shifted_labels(labels: np.ndarray, offsets: np.ndarray, shifts: Sequence[int]) -> np.ndarray:
+    """[T, len(shifts)]: column c holds labels[t + shifts[c]] inside the same example, else IGNORE_INDEX."""
     t = labels.shape[0]
     example = np.searchsorted(offsets, np.arange(t), side="right") - 1
-    out = np.full((t, num_heads), IGNORE_INDEX, dtype=np.int64)
-    for k in range(num_heads):
-        shift = k + 2
+    out = np.full((t, len(shifts)), IGNORE_INDEX, dtype=np.int64)
+    for c, shift in enumerate(shifts):
         if shift < t:
             same = example[shift:] == example[:-shift]
-            out[:-shift, k] = np.where(same, labels[shift:], IGNORE_INDEX)
+            out[:-shift, c] = np.where(same, labels[shift:], IGNORE_INDEX)
     return out
 
 
@@ -186,22 +205,25 @@ class TokenData:
     ``vocab_ids`` (a token map) targets are rows of the map."""
 
     def __init__(self, cache_dir: Path, num_heads: int, vocab_ids: Optional[np.ndarray] = None) -> None:
-        hidden, rows, targets = [], [], []
+        hidden, rows, targets, inputs = [], [], [], []
         for f in shard_files(cache_dir):
             with np.load(f) as shard:
                 tgt = head_targets(shard["labels"], shard["offsets"], num_heads)
+                ins = head_inputs(shard["ids"], shard["offsets"], num_heads)
             if vocab_ids is not None:
                 tgt = remap_targets(tgt, vocab_ids)
             keep = np.flatnonzero((tgt != IGNORE_INDEX).any(axis=1))
             hidden.append(open_hidden(f))
             rows.append(keep)
             targets.append(tgt[keep].astype(np.int32))
+            inputs.append(np.maximum(ins[keep], 0).astype(np.int32))  # past the example's end: never read
         if not hidden:
             raise FileNotFoundError(f"no hidden-state shards in {cache_dir}")
         self._hidden = hidden  # per shard, memory-mapped [tokens, h] fp16
         self._starts = np.cumsum([0] + [len(r) for r in rows])  # first position of each shard
         self._rows = np.concatenate(rows)  # position -> row inside its shard
         self.targets = np.concatenate(targets)  # [N, H]
+        self.inputs = np.concatenate(inputs)  # [N, H] ids x_1..x_H after each position (Hydra heads' inputs)
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -217,6 +239,10 @@ class TokenData:
         """Batch ``number`` of the epoch ``order``: hidden states [B, h] fp32 and targets [B, H] int64."""
         idx = order[number * batch_tokens:(number + 1) * batch_tokens]
         return self._gather(idx), self.targets[idx].astype(np.int64)
+
+    def batch_inputs(self, order: np.ndarray, number: int, batch_tokens: int) -> np.ndarray:
+        """The Hydra inputs [B, H] (int64) of batch ``number``."""
+        return self.inputs[order[number * batch_tokens:(number + 1) * batch_tokens]].astype(np.int64)
 
     def batches(self, batch_tokens: int, seed: Optional[int]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         order = self.order(seed)
@@ -242,14 +268,21 @@ def rank_batches(num_batches: int, rank: int, world_size: int) -> list[int]:
 
 
 class HeadsWithBase(nn.Module):
-    """Trainable heads + the frozen base lm_head they may share."""
+    """Trainable heads + the frozen base lm_head they may share (+ the frozen embedding Hydra heads read)."""
 
-    def __init__(self, heads: MedusaHeads, lm_head: nn.Linear) -> None:
+    def __init__(self, heads: MedusaHeads | HydraHeads, lm_head: nn.Linear, embed: Optional[nn.Embedding] = None) -> None:
         super().__init__()
         self.heads, self.lm_head = heads, lm_head.requires_grad_(False)
+        self.embed = None if embed is None else embed.requires_grad_(False)
 
-    def forward(self, hidden: Tensor) -> Tensor:
-        return self.heads(hidden, self.lm_head)
+    def forward(self, hidden: Tensor, inputs: Optional[Tensor] = None) -> Tensor:
+        return head_logits(self.heads, hidden, self.lm_head, self.embed, inputs)
+
+
+def head_logits(heads: nn.Module, hidden: Tensor, lm_head: nn.Module, embed: Optional[nn.Module],
+                inputs: Optional[Tensor]) -> Tensor:
+    """[H, B, V]: Medusa heads read ``hidden``; Hydra heads (``embed`` given) also the ``inputs`` [B, H]."""
+    return heads(hidden, lm_head) if embed is None else heads(hidden, lm_head, embed, inputs)
 
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -269,8 +302,11 @@ def evaluate(model: HeadsWithBase, data: TokenData, cfg: TrainConfig) -> dict:
     counts = torch.zeros(cfg.num_heads)
     losses = []
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-        for hidden, targets in data.batches(cfg.batch_tokens, seed=None):
-            logits = model(torch.from_numpy(hidden).to(device))
+        order = data.order(None)
+        for number in range(data.num_batches(cfg.batch_tokens)):
+            hidden, targets = data.batch(order, number, cfg.batch_tokens)
+            inputs = torch.from_numpy(data.batch_inputs(order, number, cfg.batch_tokens)).to(device)
+            logits = model(torch.from_numpy(hidden).to(device), inputs)
             targets = torch.from_numpy(targets).to(device)
             losses.append(medusa_loss(logits, targets, cfg.decay)[1])
             h, c = rank_hits(logits.float(), targets)
@@ -288,6 +324,7 @@ class _Run:
     accelerator: Any
     model: nn.Module  # the heads, DDP-wrapped when distributed
     lm_head: nn.Linear  # frozen, on this rank's device
+    embed: Optional[nn.Embedding]  # frozen, on this rank's device: Hydra heads only
     optimizer: Any
     scheduler: torch.optim.lr_scheduler.LambdaLR
     cfg: TrainConfig
@@ -295,15 +332,15 @@ class _Run:
     step: int = 0
 
 
-def train(heads: MedusaHeads, lm_head: nn.Linear, train_data: TokenData, eval_data: Optional[TokenData],
-          cfg: TrainConfig, out_dir: Path, base_model: str) -> dict:
+def train(heads: MedusaHeads | HydraHeads, lm_head: nn.Linear, train_data: TokenData, eval_data: Optional[TokenData],
+          cfg: TrainConfig, out_dir: Path, base_model: str, embed: Optional[nn.Embedding] = None) -> dict:
     """Train (or resume training) on this rank's share of the batches; the main process writes the
     checkpoints and, once the schedule is complete, ``metrics.json`` (returned)."""
     from accelerate import Accelerator
 
     accelerator = Accelerator()
     per_epoch, total = cfg.total_steps(len(train_data), accelerator.num_processes)
-    run = _prepare(accelerator, heads, lm_head, cfg, total)
+    run = _prepare(accelerator, heads, lm_head, embed, cfg, total)
     run.step = _resume(run, out_dir)
     stop = min(total, run.step + cfg.stop_after) if cfg.stop_after > 0 else total
     start = time.perf_counter()
@@ -315,14 +352,16 @@ def train(heads: MedusaHeads, lm_head: nn.Linear, train_data: TokenData, eval_da
     return _finish(run, eval_data, out_dir, positions, elapsed, len(train_data))
 
 
-def _prepare(accelerator: Any, heads: MedusaHeads, lm_head: nn.Linear, cfg: TrainConfig, total: int) -> _Run:
+def _prepare(accelerator: Any, heads: nn.Module, lm_head: nn.Linear, embed: Optional[nn.Embedding], cfg: TrainConfig,
+             total: int) -> _Run:
     optimizer = torch.optim.AdamW(heads.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = cosine_schedule(optimizer, int(cfg.warmup_ratio * total), total)
     model, optimizer = accelerator.prepare(heads, optimizer)
     # Not prepared: accelerate's wrapper steps a scheduler once per process per optimiser step.
     accelerator.register_for_checkpointing(scheduler)
     frozen = lm_head.requires_grad_(False).to(accelerator.device)
-    return _Run(accelerator, model, frozen, optimizer, scheduler, cfg, total)
+    embed = None if embed is None else embed.requires_grad_(False).to(accelerator.device)
+    return _Run(accelerator, model, frozen, embed, optimizer, scheduler, cfg, total)
 
 
 def _train_until(run: _Run, data: TokenData, per_epoch: int, stop: int, out_dir: Path, base_model: str) -> int:
@@ -340,10 +379,11 @@ def _train_until(run: _Run, data: TokenData, per_epoch: int, stop: int, out_dir:
             if cfg.trace_steps:
                 log.info("trace %s", json.dumps({"rank": acc.process_index, "step": run.step, "epoch": epoch,
                                                  "lr": run.optimizer.param_groups[0]["lr"], "batches": group}))
-            batches = [data.batch(order, n, cfg.batch_tokens) for n in group]
+            batches = [(*data.batch(order, n, cfg.batch_tokens), data.batch_inputs(order, n, cfg.batch_tokens))
+                       for n in group]
             loss = _optimizer_step(run, batches)
             run.step += 1
-            positions += sum(len(hidden) for hidden, _ in batches)
+            positions += sum(len(hidden) for hidden, *_ in batches)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}")
             if run.step % cfg.save_every == 0 or run.step == stop:
@@ -354,15 +394,16 @@ def _train_until(run: _Run, data: TokenData, per_epoch: int, stop: int, out_dir:
     return positions
 
 
-def _optimizer_step(run: _Run, batches: list[tuple[np.ndarray, np.ndarray]]) -> float:
+def _optimizer_step(run: _Run, batches: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> float:
     """One optimiser step on the mean gradient of ``batches`` (gradient accumulation); DDP
     all-reduces on the last micro-batch only.  Returns the mean loss."""
     acc, device = run.accelerator, run.accelerator.device
     losses = []
-    for k, (hidden, targets) in enumerate(batches):
+    for k, (hidden, targets, inputs) in enumerate(batches):
         with nullcontext() if k == len(batches) - 1 else acc.no_sync(run.model):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.cfg.bf16):
-                logits = run.model(torch.from_numpy(hidden).to(device), run.lm_head)
+                logits = head_logits(run.model, torch.from_numpy(hidden).to(device), run.lm_head, run.embed,
+                                     torch.from_numpy(inputs).to(device))
                 loss, _ = medusa_loss(logits, torch.from_numpy(targets).to(device), run.cfg.decay)
             acc.backward(loss / len(batches))
         losses.append(loss.item())
@@ -381,7 +422,7 @@ def _finish(run: _Run, eval_data: Optional[TokenData], out_dir: Path, positions:
         return json.loads((out_dir / METRICS_FILE).read_text())
     metrics: dict = {}
     if acc.is_main_process:
-        heads = HeadsWithBase(acc.unwrap_model(run.model), run.lm_head)
+        heads = HeadsWithBase(acc.unwrap_model(run.model), run.lm_head, run.embed)
         metrics = evaluate(heads, eval_data, run.cfg) if eval_data is not None else {}
         metrics.update(world_size=acc.num_processes, train_positions=train_positions, steps=run.total,
                        positions_per_step=run.cfg.batch_tokens * run.cfg.grad_accum * acc.num_processes,

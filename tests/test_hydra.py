@@ -20,6 +20,7 @@ from medusa.train.dataset import IGNORE_INDEX
 from medusa.train.trainer import TokenData, TrainConfig, head_inputs, train
 
 from .test_drafts import PROMPTS, tiny_with_heads  # noqa: F401  (a module fixture, used below)
+from .test_train import counting_run
 
 X = IGNORE_INDEX
 TREE = [(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0)]
@@ -222,14 +223,7 @@ def test_cli_trains_hydra_heads_that_the_torch_backend_runs(tmp_path):
     from medusa.core.prompts import encode_prompt
     from medusa.train.cli import main
 
-    convs = [{"id": f"c{i}", "conversations": [{"from": "human", "value": f"Count from {i} to {i + 9}."},
-                                                {"from": "gpt", "value": ", ".join(str(i + k) for k in range(10))}]}
-             for i in range(12)]
-    (tmp_path / "convs.json").write_text(json.dumps(convs))
-    args = ["--data", str(tmp_path / "convs.json"), "--out", str(tmp_path / "heads"), "--cache-dir",
-            str(tmp_path / "cache"), "--max-length", "64", "--eval-fraction", "0.2", "--epochs", "3",
-            "--batch-tokens", "128", "--num-heads", "2", "--token-map-size", "32", "--head-type", "hydra",
-            "--backbone-dtype", "float32"]
+    args = counting_run(tmp_path, epochs=3) + ["--head-type", "hydra", "--backbone-dtype", "float32"]
     trained = main(args)
     config, _ = load_checkpoint(tmp_path / "heads")
     assert config.head_type == "hydra" and len(trained["top1"]) == 2

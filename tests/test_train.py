@@ -182,19 +182,25 @@ def test_hidden_cache_grows_without_overwriting_its_last_shard(tmp_path):
     assert np.concatenate([s["hidden"][:, 0] for s in shards]).tolist() == [i + d for i in range(7) for d in (0, 1)]
 
 
-@pytest.mark.slow
-def test_cli_trains_over_a_token_map_and_evaluates_with_it(tmp_path):
+def counting_run(tmp_path, epochs: int = 2) -> list[str]:
+    """``medusa.train`` arguments for two heads over 12 tiny counting conversations (a token map of
+    32 last, so that ``[:-2]`` drops it)."""
     import json
-
-    from medusa.train.cli import main
 
     convs = [{"id": f"c{i}", "conversations": [{"from": "human", "value": f"Count from {i} to {i + 9}."},
                                                 {"from": "gpt", "value": ", ".join(str(i + k) for k in range(10))}]}
              for i in range(12)]
     (tmp_path / "convs.json").write_text(json.dumps(convs))
-    args = ["--data", str(tmp_path / "convs.json"), "--out", str(tmp_path / "heads"), "--cache-dir",
-            str(tmp_path / "cache"), "--max-length", "64", "--eval-fraction", "0.2", "--epochs", "2",
+    return ["--data", str(tmp_path / "convs.json"), "--out", str(tmp_path / "heads"), "--cache-dir",
+            str(tmp_path / "cache"), "--max-length", "64", "--eval-fraction", "0.2", "--epochs", str(epochs),
             "--batch-tokens", "128", "--num-heads", "2", "--token-map-size", "32"]
+
+
+@pytest.mark.slow
+def test_cli_trains_over_a_token_map_and_evaluates_with_it(tmp_path):
+    from medusa.train.cli import main
+
+    args = counting_run(tmp_path)
     trained = main(args)
     assert load_checkpoint(tmp_path / "heads")[0].token_map == "token_map.json"
     again = main(args[:-2] + ["--eval-only"])  # the heads' own map is used, whatever the flags say

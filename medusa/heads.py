@@ -95,7 +95,11 @@ class HydraHeads(nn.ModuleList):
         super().__init__([HydraHead(k, config, hidden_size, vocab_size) for k in range(config.medusa_num_heads)])
         self.config = config
 
-    init_lm_heads = MedusaHeads.init_lm_heads
+    def init_lm_heads(self, base_lm_head: Tensor) -> None:
+        """Start each per-head lm_head (the last block) as a copy of the base model's."""
+        if not self.config.shared_lm_head:
+            for head in self:
+                getattr(head, str(head.num_blocks - 1)).weight.data.copy_(base_lm_head)
 
     def forward(self, hidden: Tensor, base_lm_head: nn.Module, embed: nn.Module, inputs: Tensor) -> Tensor:
         """Teacher-forced training: hidden [B, h], inputs [B, H] token ids (x_1 .. x_H) -> logits

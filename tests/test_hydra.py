@@ -43,6 +43,14 @@ def test_hydra_checkpoints_round_trip_and_say_their_type(tmp_path, shared):
         torch.testing.assert_close(again.state_dict()[k], v)
 
 
+def test_per_head_lm_heads_start_as_the_base_lm_head():
+    heads = HydraHeads(hydra_config(2, shared=False), 8, 20)
+    base = torch.randn(20, 8)
+    heads.init_lm_heads(base)
+    for k in range(2):
+        torch.testing.assert_close(heads.state_dict()[f"{k}.1.weight"], base)
+
+
 def test_a_config_that_contradicts_the_weights_is_refused(tmp_path):
     hydra = HydraHeads(hydra_config(), 8, 20)
     save_checkpoint(tmp_path / "h", hydra.config, hydra.numpy_state())

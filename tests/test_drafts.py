@@ -29,11 +29,11 @@ DRAFTS = ("heads", "ngram", "both")
 # ----------------------------------------------------------------------------- the suffix index
 
 def brute_match(seq: list[int]) -> tuple[int, int]:
-    """(L, e): the longest suffix of ``seq`` also ending at some e < n - 1, the first such e."""
+    """(L, e): the longest suffix of ``seq`` also ending at some e < n - 1, the latest such e."""
     n = len(seq)
     for length in range(n - 1, 0, -1):
         suffix = seq[n - length:]
-        for end in range(length - 1, n - 1):
+        for end in range(n - 2, length - 2, -1):
             if seq[end - length + 1:end + 1] == suffix:
                 return length, end
     return 0, -1
@@ -62,13 +62,28 @@ def test_suffix_index_equals_brute_force_after_every_append(alphabet):
         assert len(index.length) <= max(2 * len(seq), 2)  # a suffix automaton has at most 2n states
 
 
-def test_suffix_index_follows_a_loop_and_prefers_the_longest_match():
+def test_suffix_index_copies_the_latest_occurrence_follows_a_loop_and_prefers_the_longest_match():
     index = SuffixIndex([7, 1, 2, 3, 9, 1, 2, 4, 1, 2])
-    assert index.match() == (2, 2) and index.continuation(3) == [3, 9, 1]  # "1 2" first ends at 2
+    assert index.match() == (2, 6) and index.continuation(3) == [4, 1, 2]  # "1 2" last ended at 6
     index.extend([3])  # "1 2 3" now matches the first occurrence only
     assert index.match() == (3, 3) and index.continuation(2) == [9, 1]
     loop = SuffixIndex([5, 6, 5, 6, 5])
     assert loop.continuation(6) == [6, 5, 6, 5, 6, 5]  # copies with overlap past the end
+    items = SuffixIndex([11, 1, 20, 21, 11, 2, 30, 31, 11])  # "- 1 ...", "- 2 ...": a list goes on
+    assert items.match() == (1, 4) and items.continuation(1) == [2]
+
+
+def test_suffix_index_stays_valid_past_its_update_depth():
+    """A degenerate repetition makes the suffix-link path as long as the text; past RECENT_DEPTH an
+    append stops recording, and a match then names an older, still real, earlier occurrence."""
+    depth = SuffixIndex.RECENT_DEPTH
+    seq = [4] * (depth + 40) + [5] + [4] * 3
+    index = SuffixIndex()
+    for n, tok in enumerate(seq, 1):
+        index.append(tok)
+        length, end = index.match()
+        assert length == brute_match(seq[:n])[0] and end < n - 1
+        assert seq[end - length + 1:end + 1] == seq[n - length:n]
 
 
 def test_ngram_draft_pads_to_a_fixed_length():

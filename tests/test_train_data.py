@@ -27,6 +27,20 @@ def test_jsonl_and_role_content_messages(tmp_path):
     assert len(convs) == 2 and skipped == 1 and convs[1].messages[0]["role"] == "system"
 
 
+def test_jsonl_keeps_text_with_unicode_line_separators(tmp_path):
+    """U+2028, U+2029, U+0085, form feeds are legal raw inside JSON strings (``ensure_ascii=False``,
+    as distillation writes them): only a newline ends a JSONL record, so no conversation is lost."""
+    odd = "line\u2028sep\u2029par\x85next\x0cfeed\x1cfile"
+    rows = [dict(GOOD, id=f"c{i}", conversations=[GOOD["conversations"][0],
+                                                   {"from": "gpt", "value": f"{odd} {i}"}]) for i in range(3)]
+    f = tmp_path / "data.jsonl"
+    f.write_text("".join(json.dumps(r, ensure_ascii=False) + "\r\n" * (i == 1) + "\n" * (i != 1)
+                         for i, r in enumerate(rows)), encoding="utf-8")
+    convs, skipped = load_conversations(f)
+    assert [c.id for c in convs] == ["c0", "c1", "c2"] and skipped == 0
+    assert convs[2].messages[1]["content"] == f"{odd} 2"
+
+
 def test_malformed_item_in_the_middle_is_counted_and_reading_goes_on(tmp_path, caplog):
     good = [json.dumps(dict(GOOD, id=f"g{i}"), indent=1) for i in range(4)]
     broken = '{"id": "bad", "conversations": [{"from": "human", "value": "a "quoted" word"}]}'

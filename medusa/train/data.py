@@ -152,7 +152,7 @@ def _item_end(text: str, pos: int) -> Optional[int]:
 
 def _jsonl_items(text: str) -> _Items:
     found = _Items()
-    lines = text.splitlines()
+    lines = text.split("\n")  # never splitlines(): U+2028, U+0085, ... are legal inside JSON strings
     for n, line in enumerate(lines, 1):
         if line.strip():
             try:

@@ -14,6 +14,7 @@ import json
 import logging
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -249,10 +250,21 @@ def test_token_map_survives_the_medusa_format_and_reaches_vllm(tmp_path, tiny_di
 
 @pytest.mark.slow
 def test_shipped_heads_export_and_load_back(tmp_path, smol_dir):
+    """The shipped heads at full size.  The default ones are Hydra heads, which neither vLLM nor
+    TensorRT-LLM runs: refused in one line, nothing written.  The Medusa-1 heads shipped beside them
+    export with their token map and trees, and load back."""
+    import medusa
+    from medusa.core.checkpoint import CheckpointError
     from medusa.core.models import shipped_heads
 
-    shipped = shipped_heads("smollm2-135m")
+    hydra = shipped_heads("smollm2-135m")
+    assert load_checkpoint(hydra)[0].head_type == "hydra"
+    with pytest.raises(CheckpointError, match="no vLLM or TensorRT-LLM"):
+        export(hydra, tmp_path / "refused", "medusa")
+    assert not (tmp_path / "refused").exists()
+    shipped = Path(medusa.__file__).parent / "shipped" / "smollm2-135m-medusa1"
     config, _ = load_checkpoint(shipped)
+    assert config.head_type == "medusa"
     export(shipped, tmp_path / "trt", "medusa")
     exported, state = load_checkpoint(tmp_path / "trt")
     assert exported.medusa_num_heads == config.medusa_num_heads and not exported.shared_lm_head

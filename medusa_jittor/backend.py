@@ -47,22 +47,30 @@ class HybridBackend(TorchBackend):
         out = torch.from_numpy(ids.astype(np.int64)).to(self.device)
         if self.proposal_ids is not None:
             out = self.proposal_ids[out]
-        t3 = time.perf_counter()
+        self._account(t0, t1, t2, time.perf_counter(), step=True)
+        return out
+
+    def _account(self, t0: float, t1: float, t2: float, t3: float, step: bool) -> None:
+        """Crossing (t0-t1 in, t2-t3 out) and Jittor heads (t1-t2) time; ``step``: a step's first head call."""
         self.bridge_s += (t1 - t0) + (t3 - t2)
         self.heads_s += t2 - t1
-        self.head_calls += 1
-        return out
+        self.head_calls += step
 
     def draft_level(self, k: int, hidden: Tensor, paths: np.ndarray, ranks: int) -> np.ndarray:
         """Hydra head k (Jittor) over paths [M, k+1] -> its ``ranks`` best ids [M, ranks] (numpy)."""
         if self.embed is None:  # the embedding the Hydra heads read, copied to Jittor on first use
             self.embed = jt.nn.Embedding(*self.model.tok_embeddings.weight.shape)
             self.embed.weight.assign(jt.array(self.model.tok_embeddings.weight.detach().float().cpu().numpy()))
-        x = jt.array(hidden.detach().float().cpu().numpy())
+        t0 = time.perf_counter()
+        x, at = jt.array(hidden.detach().float().cpu().numpy()), jt.array(paths.astype(np.int32))
+        t1 = time.perf_counter()
         with jt.no_grad():
-            logits = self.heads.level(k, x, jt.array(paths.astype(np.int32)), self.proposal_head, self.embed)
+            logits = self.heads.level(k, x, at, self.proposal_head, self.embed)
             top = topk_ids(logits, ranks).numpy()
-        return top if self.proposal_ids is None else self.proposal_ids.cpu().numpy()[top]
+        t2 = time.perf_counter()
+        out = top if self.proposal_ids is None else self.proposal_ids.cpu().numpy()[top]
+        self._account(t0, t1, t2, time.perf_counter(), step=k == 0)  # level 0 opens every step
+        return out
 
     def describe(self) -> dict[str, Any]:
         calls = max(self.head_calls, 1)

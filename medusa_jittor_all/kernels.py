@@ -12,8 +12,20 @@ were ~20 more per layer; here each is one.
 
 ``jt.code`` compiles each kernel once: sizes are runtime values, so a growing window never
 recompiles.  OpenMP spreads rows over the cores and -Ofast vectorises the inner loops.
-``attend`` reads the cache buffers in place (no window copy), skips masked entries (the causal
-half of a prefill costs nothing) and writes [B, T, heads * head_dim], the layout ``wo`` takes.
+``attend`` reads the cache buffers in place (no window copy), stops each query at its last visible
+entry (the causal half of a prefill costs nothing) and writes [B, T, heads * head_dim], the layout
+``wo`` takes.  One query (plain decoding) runs the row kernel: a dot product per key, rows spread
+over the cores head by head.  Several queries (a tree step, a prefill) run the blocked kernel: the
+queries of one KV group (all its heads, ``QB`` positions) score ``KB`` keys at a time against a
+transposed copy of that key block, so the inner loop is a vector FMA across keys with independent
+accumulators instead of a dot product's serial sum.  Per layer on this 2-core CPU (9 heads over 3
+KV heads, head_dim 64): 15 queries over 832 entries 1.37 -> 0.88 ms, an 800-token prefill 43 -> 25 ms.
+
+``linear`` multiplies up to ``FEW_ROWS`` rows (a decoding or tree step) by a weight read once, four
+output rows at a time; Jittor's matmul turns 2+ rows into a GEMM that costs ~1.5x one row here (the
+lm_head: 7 ms for 1 row, 15 ms for 3), while this loop runs 3 rows in ~1.1x one row's time.  Every
+output is one dot product whose summation order does not depend on how many rows there are, so a
+tree step's logits equal plain decoding's bit for bit.  Longer inputs (a prefill) use the GEMM.
 """
 from __future__ import annotations
 
@@ -61,6 +73,124 @@ for (int t = 0; t < T; t++) {
     for (int d = 0; d < HD; d++) out[d] = total > 0.f ? acc[d] / total : 0.f;
 }
 """.replace("HIDDEN", f"({HIDDEN:.0e}f)")
+
+
+_BLOCKED_SRC = r"""
+@alias(q, in0)
+@alias(kc, in1)
+@alias(vc, in2)
+@alias(mask, in3)
+@alias(y, out0)
+const int B = q_shape0, NH = q_shape1, T = q_shape2, HD = q_shape3;
+const int KV = kc_shape1, W = mask_shape1, G = NH / KV;
+constexpr int QB = 8, KB = 32;  // query positions per task, keys per transposed block
+const int TB = (T + QB - 1) / QB;
+const float scale = 1.0f / std::sqrt((float)HD);
+#pragma omp parallel
+{
+std::vector<float> block((size_t)HD * KB), s((size_t)G * QB * W), acc(HD);
+int ends[QB];
+#pragma omp for collapse(3) schedule(dynamic, 1)
+for (int b = 0; b < B; b++)
+for (int g = 0; g < KV; g++)
+for (int tb = 0; tb < TB; tb++) {
+    const int t0 = tb * QB, nq = std::min(QB, T - t0);
+    int last = 0;  // past the last entry any of these queries sees
+    for (int i = 0; i < nq; i++) {
+        const mask_type* mr = &@mask(t0 + i, 0);
+        int e = W;
+        while (e > 0 && mr[e - 1] < HIDDEN) e--;
+        ends[i] = e;
+        last = std::max(last, e);
+    }
+    const kc_type* keys = &@kc(b, g, 0, 0);
+    const vc_type* values = &@vc(b, g, 0, 0);
+    float* kt = block.data();
+    for (int w0 = 0; w0 < last; w0 += KB) {
+        const int wn = std::min(KB, W - w0);
+        for (int j = 0; j < KB; j++)  // kt[d][j] = key w0 + j, dimension d
+            for (int d = 0; d < HD; d++)
+                kt[d * KB + j] = j < wn ? (float)keys[(size_t)(w0 + j) * HD + d] : 0.f;
+        for (int hh = 0; hh < G; hh++)
+        for (int i = 0; i < nq; i++) {
+            if (w0 >= ends[i]) continue;
+            const q_type* qr = &@q(b, g * G + hh, t0 + i, 0);
+            float dots[KB];
+            for (int j = 0; j < KB; j++) dots[j] = 0.f;
+            for (int d = 0; d < HD; d++) {
+                const float qd = (float)qr[d];
+                const float* kd = kt + d * KB;
+                for (int j = 0; j < KB; j++) dots[j] += qd * kd[j];
+            }
+            float* sr = &s[(size_t)(hh * QB + i) * W + w0];
+            const mask_type* mr = &@mask(t0 + i, w0);
+            for (int j = 0; j < wn; j++) sr[j] = dots[j] * scale + (float)mr[j];
+        }
+    }
+    for (int hh = 0; hh < G; hh++)
+    for (int i = 0; i < nq; i++) {  // softmax over the visible span (hidden entries underflow to 0)
+        const int e = ends[i];
+        float* sr = &s[(size_t)(hh * QB + i) * W];
+        float peak = HIDDEN;
+        for (int w = 0; w < e; w++) peak = std::max(peak, sr[w]);
+        float total = 0.f;
+        for (int w = 0; w < e; w++) { const float p = std::exp(sr[w] - peak); sr[w] = p; total += p; }
+        float* out_acc = acc.data();
+        for (int d = 0; d < HD; d++) out_acc[d] = 0.f;
+        for (int w = 0; w < e; w++) {
+            const float p = sr[w];
+            const vc_type* vr = values + (size_t)w * HD;
+            for (int d = 0; d < HD; d++) out_acc[d] += p * (float)vr[d];
+        }
+        q_type* out = &@y(b, t0 + i, (g * G + hh) * HD);
+        const float inv = total > 0.f ? 1.f / total : 0.f;
+        for (int d = 0; d < HD; d++) out[d] = out_acc[d] * inv;
+    }
+}
+}
+""".replace("HIDDEN", f"({HIDDEN:.0e}f)")
+
+
+FEW_ROWS = 32  # rows up to which ``linear`` runs its own loop nest (measured faster up to 32 here)
+
+_LINEAR_SRC = r"""
+@alias(x, in0)
+@alias(w, in1)
+@alias(y, out0)
+const int R = x_shape0, K = x_shape1, O = w_shape0;
+#pragma omp parallel for schedule(static)
+for (int o0 = 0; o0 < O; o0 += 4) {
+    if (o0 + 4 > O) {  // the last outputs when O is no multiple of 4, one at a time
+        for (int o = o0; o < O; o++)
+            for (int r = 0; r < R; r++) {
+                float acc = 0.f;
+                for (int k = 0; k < K; k++) acc += (float)@x(r, k) * (float)@w(o, k);
+                @y(r, o) = acc;
+            }
+        continue;
+    }
+    const w_type* w0 = &@w(o0, 0);
+    const w_type* w1 = w0 + K;
+    const w_type* w2 = w1 + K;
+    const w_type* w3 = w2 + K;
+    for (int r = 0; r < R; r++) {
+        const x_type* xr = &@x(r, 0);
+        float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+        for (int k = 0; k < K; k++) {
+            const float xk = (float)xr[k];
+            a0 += xk * (float)w0[k];
+            a1 += xk * (float)w1[k];
+            a2 += xk * (float)w2[k];
+            a3 += xk * (float)w3[k];
+        }
+        y_type* yr = &@y(r, o0);
+        yr[0] = a0;
+        yr[1] = a1;
+        yr[2] = a2;
+        yr[3] = a3;
+    }
+}
+"""
 
 
 _ROPE_SRC = r"""
@@ -161,7 +291,8 @@ def attend(q: jt.Var, keys: jt.Var, values: jt.Var, mask: jt.Var) -> jt.Var:
     if jt.flags.use_cuda:
         return attend_ops(q, keys, values, mask)
     b, h, t, hd = q.shape
-    return jt.code((b, t, h * hd), q.dtype, [q, keys, values, mask], cpu_header=_HEADER, cpu_src=_SRC)
+    src = _SRC if t == 1 else _BLOCKED_SRC
+    return jt.code((b, t, h * hd), q.dtype, [q, keys, values, mask], cpu_header=_HEADER, cpu_src=src)
 
 
 def attend_ops(q: jt.Var, keys: jt.Var, values: jt.Var, mask: jt.Var) -> jt.Var:
@@ -175,3 +306,15 @@ def attend_ops(q: jt.Var, keys: jt.Var, values: jt.Var, mask: jt.Var) -> jt.Var:
     probs = jt.nn.softmax(scores.float32(), dim=-1).cast(q.dtype).reshape(b, kv, group * t, width)
     y = jt.matmul(probs, values[:, :, :width]).reshape(b, h, t, hd)
     return y.transpose(0, 2, 1, 3).reshape(b, t, h * hd)
+
+
+def linear(x: jt.Var, weight: jt.Var, bias: jt.Var | None = None) -> jt.Var:
+    """x [..., K] @ weight [O, K]^T (+ bias) -> [..., O]; up to ``FEW_ROWS`` rows on the CPU in the
+    loop nest, otherwise (and on CUDA) as Jittor's matmul."""
+    rows = x.reshape(-1, x.shape[-1])
+    if jt.flags.use_cuda or rows.shape[0] > FEW_ROWS:
+        y = jt.nn.matmul_transpose(rows, weight)
+    else:
+        y = jt.code((rows.shape[0], weight.shape[0]), x.dtype, [rows, weight], cpu_src=_LINEAR_SRC)
+    y = y.reshape(*x.shape[:-1], weight.shape[0])
+    return y if bias is None else y + bias

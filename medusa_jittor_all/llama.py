@@ -25,7 +25,7 @@ from medusa.core.models import ModelError, load_args
 from medusa.core.weights import our_state, read_hf_numpy
 from medusa_jittor.runtime import jt
 
-from .kernels import attend, rms_norm, split_heads
+from .kernels import attend, linear, rms_norm, split_heads
 
 nn = jt.nn
 WINDOW = 32  # attention reads the cache in buckets of this many positions (sizes never trigger compiles)
@@ -83,6 +83,13 @@ class KVCache:
         self.length = 0
 
 
+class Linear(nn.Linear):
+    """``nn.Linear`` whose few-row products (decoding and tree steps) run ``kernels.linear``'s loop."""
+
+    def execute(self, x: jt.Var) -> jt.Var:
+        return linear(x, self.weight, self.bias)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -97,8 +104,8 @@ class Attention(nn.Module):
     def __init__(self, args: LlamaArgs) -> None:
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
-        self.wqkv = nn.Linear(args.hidden_size, (self.n_heads + 2 * self.n_kv) * self.head_dim, bias=args.qkv_bias)
-        self.wo = nn.Linear(self.n_heads * self.head_dim, args.hidden_size, bias=args.o_bias)
+        self.wqkv = Linear(args.hidden_size, (self.n_heads + 2 * self.n_kv) * self.head_dim, bias=args.qkv_bias)
+        self.wo = Linear(self.n_heads * self.head_dim, args.hidden_size, bias=args.o_bias)
 
     def execute(self, x: jt.Var, cos: jt.Var, sin: jt.Var, mask: jt.Var, cache: KVCache, layer: int) -> jt.Var:
         """x: [B, T, h]; mask: [T, W] additive (0 = attend, NEG_INF = hidden) over the cache window."""
@@ -113,8 +120,8 @@ class FeedForward(nn.Module):
     def __init__(self, args: LlamaArgs) -> None:
         super().__init__()
         self.inter = args.intermediate_size
-        self.w13 = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=args.mlp_bias)
-        self.w2 = nn.Linear(args.intermediate_size, args.hidden_size, bias=args.mlp_bias)
+        self.w13 = Linear(args.hidden_size, 2 * args.intermediate_size, bias=args.mlp_bias)
+        self.w2 = Linear(args.intermediate_size, args.hidden_size, bias=args.mlp_bias)
 
     def execute(self, x: jt.Var) -> jt.Var:
         gate_up = self.w13(x)
@@ -142,7 +149,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList([TransformerBlock(args) for _ in range(args.num_layers)])
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         # tied models get the embedding matrix loaded here too (see weights.hf_weight_map)
-        self.output = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.output = Linear(args.hidden_size, args.vocab_size, bias=False)
         self._inv_freq = np.array(rope_inv_freq(args), dtype=np.float32)  # host constant, not a parameter
 
     def execute(self, tokens: jt.Var, positions: np.ndarray, mask: jt.Var, cache: KVCache) -> jt.Var:

@@ -15,6 +15,11 @@ must match it; in bf16 this is the agreement with the bf16 baseline.  Mismatches
 (count and first divergent token per question), never asserted.  Then the tokens each arm took from
 each draft source, and the summary as one JSON line (last line).  ``--out`` gets ``records`` (one
 per question x turn x arm), ``table``, ``agreement``, ``summary`` per arm and ``speedup``.
+
+``--compare-backends hybrid,jittor`` loads those backends too and adds their arms (``jittor:both``,
+...) to the same turns, so backends are compared on one run's drifting machine speed, not across
+processes; speedups stay against the first backend's baseline, and each backend's arms are checked
+for identity against that backend's own baseline.
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ import json
 import logging
 import sys
 from collections import defaultdict
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -33,7 +38,7 @@ from tqdm import tqdm
 from medusa.core.backends import BackendError
 from medusa.core.config import GenerationConfig
 from medusa.core.io import atomic_write_text
-from medusa.core.options import RunOptions
+from medusa.core.options import BACKEND_NAMES, RunOptions
 from medusa.core.stats import Record, speedups, summarize
 
 from .harness import (Arm, add_run_args, backend_arm, check_prompts_fit, hf_arm, run_config, run_options,
@@ -63,6 +68,7 @@ class BenchPlan:
     turns: Optional[int] = None
     out: Optional[Path] = None
     show_answers: bool = False
+    compare_backends: tuple[str, ...] = ()
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "BenchPlan":
@@ -90,7 +96,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--turns", type=_positive, default=None, help="turns per question (default: all)")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--show-answers", action="store_true", help="print every answer's text")
+    p.add_argument("--compare-backends", type=_backend_list, default=(),
+                   help="also run these backends' arms (not hf), as BACKEND:ARM, in the same turns "
+                        f"(of {','.join(BACKEND_NAMES)})")
     return p
+
+
+def _backend_list(text: str) -> tuple[str, ...]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in BACKEND_NAMES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown backend {', '.join(unknown) or text!r}: "
+                                         f"choose from {','.join(BACKEND_NAMES)}")
+    return tuple(dict.fromkeys(names))
 
 
 def _positive(text: str) -> int:
@@ -131,7 +149,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         questions = load_questions(plan.questions, plan.limit, per_category=plan.per_category)
         backend = opts.load()
         check_prompts_fit(backend.tokenizer, questions, opts, plan.turns)
-        bench(opts, plan, questions, backend)
+        bench(opts, plan, questions, backend, other_backend_arms(opts, plan))
     except (ValueError, FileNotFoundError) as err:  # bad input; a later turn past --max-len (engine)
         log.error("%s", err)
         return 2
@@ -163,6 +181,25 @@ def bench(opts: RunOptions, plan: BenchPlan, questions: list[dict[str, Any]], ba
         atomic_write_text(plan.out, json.dumps(result, indent=1, default=str))
     print(json.dumps(_last_line(result, opts)))
     return result
+
+
+def other_backend_arms(opts: RunOptions, plan: BenchPlan) -> list[Arm]:
+    """The engine arms of ``plan.compare_backends`` (each loaded with ``opts``), named BACKEND:ARM."""
+    arms = []
+    for name in plan.compare_backends:
+        if name == opts.backend:
+            raise ValueError(f"--compare-backends {name}: that is --backend already")
+        engine = [arm for arm in plan.arm_names if not arm.startswith("hf")]
+        for arm in _arms(engine, opts.load(name), opts, {}):
+            arms.append(replace(arm, name=f"{name}:{arm.name}"))
+    return arms
+
+
+def reference_of(arm: str, arms: set[str]) -> str:
+    """The arm whose outputs ``arm``'s are compared with: its own backend's baseline (BACKEND:baseline)
+    when that ran, else the first backend's, which a BACKEND:baseline itself is compared with."""
+    own = f"{arm.split(':')[0]}:{REFERENCE}" if ":" in arm else REFERENCE
+    return own if own in arms and own != arm else REFERENCE
 
 
 def _warm_up(arm: Arm, tok: Any, question: dict[str, Any], cfg: GenerationConfig, template: Optional[str],
@@ -221,7 +258,8 @@ def _result(records: list[Record], setup: dict[str, Any], argv: dict[str, Any], 
             skipped: dict[str, str]) -> dict[str, Any]:
     summary = summarize(records)
     agreement = compare_outputs(records) if greedy and REFERENCE in summary else {}
-    engine_arms = [a for a in agreement if not a.startswith("hf")]  # HF is a reference, not ours to keep lossless
+    # HF is a reference, not ours to keep lossless; another backend's baseline is another framework's numerics
+    engine_arms = [a for a in agreement if not a.startswith("hf") and not a.endswith(f":{REFERENCE}")]
     identical = all(agreement[a]["identical"] == agreement[a]["compared"] for a in engine_arms) if engine_arms \
         else None
     return {"setup": setup, "args": argv, "records": [r.to_dict() for r in records], "summary": summary,
@@ -240,14 +278,17 @@ def first_divergence(ids: Sequence[int], reference: Sequence[int]) -> Optional[i
 def compare_outputs(records: Sequence[Record], reference: str = REFERENCE) -> dict[str, dict[str, Any]]:
     """Per arm: how many of its turns have the reference arm's output ids (``compared``, ``identical``,
     ``share_identical``) and, for each that differs, where (``divergences``: question, turn, position)."""
-    ref = {(r.question_id, r.turn): r.output_ids for r in records if r.mode == reference}
+    ids = {(r.mode, r.question_id, r.turn): r.output_ids for r in records}
+    arms = {r.mode for r in records}
     out: dict[str, dict[str, Any]] = {}
     for r in records:
-        if r.mode == reference or (r.question_id, r.turn) not in ref:
+        own = reference_of(r.mode, arms) if reference == REFERENCE else reference
+        key = (own, r.question_id, r.turn)
+        if r.mode == own or key not in ids:
             continue
-        arm = out.setdefault(r.mode, {"compared": 0, "identical": 0, "divergences": []})
+        arm = out.setdefault(r.mode, {"reference": own, "compared": 0, "identical": 0, "divergences": []})
         arm["compared"] += 1
-        position = first_divergence(r.output_ids, ref[(r.question_id, r.turn)])
+        position = first_divergence(r.output_ids, ids[key])
         if position is None:
             arm["identical"] += 1
         else:
@@ -266,13 +307,16 @@ def category_table(records: Sequence[Record], reference: str = REFERENCE) -> lis
         groups[("all", r.mode)].append(r)
     cats = list(dict.fromkeys([r.category for r in records] + ["all"]))
     arms = list(dict.fromkeys(r.mode for r in records))
-    ref_ids = {(r.question_id, r.turn): r.output_ids for r in records if r.mode == reference}
+    ids: dict[str, dict[tuple[Any, int], list[int]]] = defaultdict(dict)
+    for r in records:
+        ids[r.mode][(r.question_id, r.turn)] = r.output_ids
     rows = []
     for cat in cats:
-        base = _row(groups.get((cat, reference), []), ref_ids)
+        base = _row(groups.get((cat, reference), []), ids[reference])
         for arm in arms:
             if (cat, arm) in groups:
-                row = _row(groups[(cat, arm)], ref_ids if arm != reference else {})
+                own = reference_of(arm, set(arms)) if reference == REFERENCE else reference
+                row = _row(groups[(cat, arm)], ids[own] if arm != own else {})
                 ref_tps = base["tokens_per_second"] if base else 0.0
                 row["speedup"] = row["tokens_per_second"] / ref_tps if ref_tps and arm != reference else None
                 rows.append({"category": cat, "arm": arm, **row})
@@ -308,7 +352,7 @@ def format_report(result: dict[str, Any], dtype: str = "float32") -> str:
     for arm, a in result["agreement"].items():
         where = ", ".join(f"{d['question_id']} turn {d['turn']} at token {d['position']}" for d in a["divergences"][:5])
         more = f" (+{len(a['divergences']) - 5} more)" if len(a["divergences"]) > 5 else ""
-        lines.append(f"{arm} vs {REFERENCE} ({dtype}, greedy): {a['identical']}/{a['compared']} outputs identical"
+        lines.append(f"{arm} vs {a.get('reference', REFERENCE)} ({dtype}, greedy): {a['identical']}/{a['compared']} outputs identical"
                      + (f"; first divergence: {where}{more}" if where else ""))
     for row in result["table"]:
         if row["category"] == "all" and set(row["tokens_by_source"]) - {"bonus"}:

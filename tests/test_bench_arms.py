@@ -205,3 +205,56 @@ def test_first_divergence():
     assert bench_speed.first_divergence([1, 9, 3], [1, 2, 3]) == 1
     assert bench_speed.first_divergence([1, 2], [1, 2, 3]) == 2
     assert bench_speed.first_divergence([1, 2, 3, 4], [1, 2, 3]) == 3
+
+
+def _record(mode, ids, qid="q1"):
+    from medusa.core.stats import Record
+    return Record(qid, "chat", mode, 1, len(ids), len(ids), 1.0, ids)
+
+
+def test_another_backends_arms_are_checked_against_that_backends_baseline():
+    """Frameworks may round apart (jittor:baseline != baseline); losslessness is within one backend."""
+    records = [_record("baseline", [1, 2, 3]), _record("both", [1, 2, 3]),
+               _record("jittor:baseline", [1, 2, 4]), _record("jittor:both", [1, 2, 4])]
+    agreement = bench_speed.compare_outputs(records)
+    assert agreement["both"]["reference"] == "baseline" and agreement["both"]["identical"] == 1
+    assert agreement["jittor:both"]["reference"] == "jittor:baseline" and agreement["jittor:both"]["identical"] == 1
+    assert agreement["jittor:baseline"]["reference"] == "baseline"
+    assert agreement["jittor:baseline"]["divergences"][0]["position"] == 2
+    rows = {r["arm"]: r for r in bench_speed.category_table(records) if r["category"] == "all"}
+    assert rows["jittor:both"]["identical"] == 1 and rows["jittor:baseline"]["identical"] == 0
+    assert rows["jittor:both"]["speedup"] == pytest.approx(1.0)  # against the first backend's baseline
+    result = bench_speed._result(records, {}, {}, True, {})
+    assert result["outputs_identical"] is True
+    records.append(_record("jittor:heads", [1, 9, 9]))
+    assert bench_speed._result(records, {}, {}, True, {})["outputs_identical"] is False
+
+
+def test_compare_backends_runs_their_arms_in_the_same_turns(tiny, questions_file, tmp_path, capsys):
+    from .conftest import import_jittor_or_skip
+
+    import_jittor_or_skip()
+    out = tmp_path / "bench.json"
+    code, result, printed, last = run_bench(
+        capsys, "--model", tiny, "--medusa-heads", "fresh", "--device", "cpu", "--questions", questions_file,
+        "--limit", 2, "--max-new-tokens", 6, "--turns", 1, "--arms", "baseline,both,hf",
+        "--compare-backends", "jittor", "--out", out)
+    assert code == 0
+    order = [(r["question_id"], r["mode"]) for r in result["records"]]
+    arms = ["baseline", "both", "hf", "jittor:baseline", "jittor:both"]  # no second HF arm
+    assert order == [(q, arm) for q in ("c1", "m1") for arm in arms]
+    assert result["agreement"]["jittor:both"] == {**result["agreement"]["jittor:both"], "reference": "jittor:baseline",
+                                                  "identical": 2, "compared": 2}
+    assert "jittor:both vs jittor:baseline (float32, greedy): 2/2 outputs identical" in printed
+    assert last["summary"]["jittor:both"]["speedup"] > 0
+
+
+def test_compare_backends_refuses_the_backend_already_run(tiny, questions_file, tmp_path, caplog):
+    out = tmp_path / "bench.json"
+    argv = ["--model", tiny, "--medusa-heads", "fresh", "--device", "cpu", "--questions", questions_file,
+            "--limit", 1, "--max-new-tokens", 2, "--compare-backends", "torch", "--out", out]
+    with caplog.at_level(logging.ERROR):
+        assert bench_speed.main([str(a) for a in argv]) == 2
+    assert "--compare-backends torch: that is --backend already" in caplog.text and not out.exists()
+    with pytest.raises(SystemExit):
+        bench_speed.main(["--compare-backends", "tensorflow"])

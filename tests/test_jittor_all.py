@@ -26,7 +26,7 @@ import medusa_jittor_all.llama as jtl  # noqa: E402
 from medusa_jittor.heads import MedusaHeads  # noqa: E402
 from medusa_jittor_all.backend import JittorDecoder  # noqa: E402
 from medusa_jittor_all.decoding import JittorTree, additive_mask, evaluate_posterior, tree_decode  # noqa: E402
-from medusa_jittor_all.kernels import (attend, attend_ops, rms_norm, rms_norm_ops, split_heads,  # noqa: E402
+from medusa_jittor_all.kernels import (FEW_ROWS, attend, attend_ops, linear, rms_norm, rms_norm_ops, split_heads,  # noqa: E402
                                        split_heads_ops)
 
 
@@ -90,10 +90,14 @@ def against_the_other_path(fn, fn_ops, *args):
     return got, want
 
 
-@pytest.mark.parametrize("heads,kv,t", [(9, 3, 1), (9, 3, 7), (4, 4, 5), (8, 2, 33)])
-def test_attention_kernel_equals_the_op_graph(jt_device, heads, kv, t):
+@pytest.mark.parametrize("heads,kv,t,length,width", [
+    (9, 3, 1, 40, 96), (9, 3, 7, 40, 96), (4, 4, 5, 40, 96), (8, 2, 33, 40, 96),
+    (9, 3, 12, 40, 75),  # a window that is no multiple of the kernel's key block
+    (9, 3, 41, 0, 64),  # a prefill: early queries see no entry of the last key blocks
+])
+def test_attention_kernel_equals_the_op_graph(jt_device, heads, kv, t, length, width):
     rng = np.random.default_rng(t)
-    length, width, cap = 40, 96, 128  # committed entries, window, cache capacity
+    cap = 128  # cache capacity
     q = jt.array(rng.standard_normal((1, heads, t, 16)).astype(np.float32))
     keys, values = (jt.array(rng.standard_normal((1, kv, cap, 16)).astype(np.float32)) for _ in range(2))
     block = (rng.random((t, t)) < 0.5) | np.eye(t, dtype=bool)  # any block; every query sees itself
@@ -101,6 +105,29 @@ def test_attention_kernel_equals_the_op_graph(jt_device, heads, kv, t):
     [got], [want] = against_the_other_path(attend, attend_ops, q, keys, values, mask)
     assert got.shape == (1, t, heads * 16)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def linear_ops(x, weight, bias=None):
+    y = jt.nn.matmul_transpose(x.reshape(-1, x.shape[-1]), weight).reshape(*x.shape[:-1], weight.shape[0])
+    return y if bias is None else y + bias
+
+
+@pytest.mark.parametrize("rows,outputs", [(1, 48), (3, 50), (FEW_ROWS, 7)])  # 50, 7: no multiple of 4
+def test_linear_kernel_equals_the_op_graph_and_ignores_the_row_count(jt_device, rows, outputs):
+    rng = np.random.default_rng(rows)
+    x = jt.array(rng.standard_normal((1, rows, 40)).astype(np.float32))
+    weight, bias = (jt.array(rng.standard_normal(shape).astype(np.float32)) for shape in ((outputs, 40), (outputs,)))
+    [got], [want] = against_the_other_path(linear, linear_ops, x, weight, bias)
+    assert got.shape == (1, rows, outputs)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    if not jt.flags.use_cuda:  # a tree step's row equals the same row decoded alone, bit for bit
+        alone = np.stack([linear(x[:, r:r + 1], weight, bias).numpy()[0, 0] for r in range(rows)])
+        np.testing.assert_array_equal(got[0], alone)
+
+
+def test_linear_runs_longer_inputs_as_a_matmul():
+    x = jt.array(np.ones((FEW_ROWS + 1, 8), dtype=np.float32))
+    assert not traced(linear, x, jt.array(np.ones((4, 8), dtype=np.float32)))[1]
 
 
 @pytest.mark.parametrize("heads,kv,t", [(9, 3, 1), (4, 4, 6), (8, 2, 33)])

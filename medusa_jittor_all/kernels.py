@@ -34,7 +34,7 @@ from medusa_jittor.runtime import jt
 HIDDEN = -1e29  # additive mask entries below this are skipped (the mask uses NEG_INF = -1e30)
 
 _HEADER = "#include <algorithm>\n#include <cmath>\n#include <vector>"
-_SRC = r"""
+_ATTEND_INPUTS = r"""
 @alias(q, in0)
 @alias(kc, in1)
 @alias(vc, in2)
@@ -42,6 +42,8 @@ _SRC = r"""
 @alias(y, out0)
 const int B = q_shape0, NH = q_shape1, T = q_shape2, HD = q_shape3;
 const int KV = kc_shape1, W = mask_shape1, G = NH / KV;
+"""  # both attention kernels: q, the cache buffers, the mask -> y
+_SRC = _ATTEND_INPUTS + r"""
 const float scale = 1.0f / std::sqrt((float)HD);
 #pragma omp parallel for collapse(3)
 for (int b = 0; b < B; b++)
@@ -75,14 +77,7 @@ for (int t = 0; t < T; t++) {
 """.replace("HIDDEN", f"({HIDDEN:.0e}f)")
 
 
-_BLOCKED_SRC = r"""
-@alias(q, in0)
-@alias(kc, in1)
-@alias(vc, in2)
-@alias(mask, in3)
-@alias(y, out0)
-const int B = q_shape0, NH = q_shape1, T = q_shape2, HD = q_shape3;
-const int KV = kc_shape1, W = mask_shape1, G = NH / KV;
+_BLOCKED_SRC = _ATTEND_INPUTS + r"""
 constexpr int QB = 8, KB = 32;  // query positions per task, keys per transposed block
 const int TB = (T + QB - 1) / QB;
 const float scale = 1.0f / std::sqrt((float)HD);

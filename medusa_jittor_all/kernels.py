@@ -14,18 +14,23 @@ were ~20 more per layer; here each is one.
 recompiles.  OpenMP spreads rows over the cores and -Ofast vectorises the inner loops.
 ``attend`` reads the cache buffers in place (no window copy), stops each query at its last visible
 entry (the causal half of a prefill costs nothing) and writes [B, T, heads * head_dim], the layout
-``wo`` takes.  One query (plain decoding) runs the row kernel: a dot product per key, rows spread
-over the cores head by head.  Several queries (a tree step, a prefill) run the blocked kernel: the
-queries of one KV group (all its heads, ``QB`` positions) score ``KB`` keys at a time against a
-transposed copy of that key block, so the inner loop is a vector FMA across keys with independent
-accumulators instead of a dot product's serial sum.  Per layer on this 2-core CPU (9 heads over 3
-KV heads, head_dim 64): 15 queries over 832 entries 1.37 -> 0.88 ms, an 800-token prefill 43 -> 25 ms.
+``wo`` takes.  The queries of one KV group (all its heads, ``QB`` positions) score ``KB`` keys at a
+time against a transposed copy of that key block, so the inner loop is a vector FMA across keys
+with independent accumulators instead of a dot product's serial sum (per layer on this 2-core CPU,
+9 heads over 3 KV heads, head_dim 64: an 800-token prefill 43 -> 31 ms, 15 queries over 1,216
+entries 2.0 -> 1.6 ms; one query 0.13 -> 0.2 ms).
 
 ``linear`` multiplies up to ``FEW_ROWS`` rows (a decoding or tree step) by a weight read once, four
 output rows at a time; Jittor's matmul turns 2+ rows into a GEMM that costs ~1.5x one row here (the
-lm_head: 7 ms for 1 row, 15 ms for 3), while this loop runs 3 rows in ~1.1x one row's time.  Every
-output is one dot product whose summation order does not depend on how many rows there are, so a
-tree step's logits equal plain decoding's bit for bit.  Longer inputs (a prefill) use the GEMM.
+lm_head: 7 ms for 1 row, 15 ms for 3), while this loop runs 3 rows in ~1.1x one row's time.  Longer
+inputs (a prefill) use the GEMM.
+
+Both are written so that a query's result does not depend on the other queries: each key's score
+is a dot product in one order, every score goes through the same exp (whole key blocks), the
+softmax and the value sum add key by key in cache order (a hidden entry adds an exact 0), and each
+linear output is one dot product whatever the row count.  A node of a tree step (up to
+``FEW_ROWS`` nodes) thus gets the logits of decoding its path token by token, bit for bit: greedy
+Medusa is lossless by construction here, not by luck of rounding.
 """
 from __future__ import annotations
 
@@ -34,7 +39,7 @@ from medusa_jittor.runtime import jt
 HIDDEN = -1e29  # additive mask entries below this are skipped (the mask uses NEG_INF = -1e30)
 
 _HEADER = "#include <algorithm>\n#include <cmath>\n#include <vector>"
-_ATTEND_INPUTS = r"""
+_ATTEND_SRC = r"""
 @alias(q, in0)
 @alias(kc, in1)
 @alias(vc, in2)
@@ -42,48 +47,13 @@ _ATTEND_INPUTS = r"""
 @alias(y, out0)
 const int B = q_shape0, NH = q_shape1, T = q_shape2, HD = q_shape3;
 const int KV = kc_shape1, W = mask_shape1, G = NH / KV;
-"""  # both attention kernels: q, the cache buffers, the mask -> y
-_SRC = _ATTEND_INPUTS + r"""
-const float scale = 1.0f / std::sqrt((float)HD);
-#pragma omp parallel for collapse(3)
-for (int b = 0; b < B; b++)
-for (int h = 0; h < NH; h++)
-for (int t = 0; t < T; t++) {
-    const q_type* qr = &@q(b, h, t, 0);
-    const kc_type* keys = &@kc(b, h / G, 0, 0);
-    const vc_type* values = &@vc(b, h / G, 0, 0);
-    const mask_type* mr = &@mask(t, 0);
-    std::vector<float> s(W), acc(HD, 0.f);
-    float peak = HIDDEN;
-    for (int w = 0; w < W; w++) {
-        if (mr[w] < HIDDEN) { s[w] = HIDDEN; continue; }
-        const kc_type* kr = keys + (size_t)w * HD;
-        float dot = 0.f;
-        for (int d = 0; d < HD; d++) dot += (float)qr[d] * (float)kr[d];
-        s[w] = dot * scale + (float)mr[w];
-        peak = std::max(peak, s[w]);
-    }
-    float total = 0.f;
-    for (int w = 0; w < W; w++) {
-        if (s[w] <= HIDDEN) continue;
-        const float p = std::exp(s[w] - peak);
-        total += p;
-        const vc_type* vr = values + (size_t)w * HD;
-        for (int d = 0; d < HD; d++) acc[d] += p * (float)vr[d];
-    }
-    q_type* out = &@y(b, t, h * HD);
-    for (int d = 0; d < HD; d++) out[d] = total > 0.f ? acc[d] / total : 0.f;
-}
-""".replace("HIDDEN", f"({HIDDEN:.0e}f)")
-
-
-_BLOCKED_SRC = _ATTEND_INPUTS + r"""
 constexpr int QB = 8, KB = 32;  // query positions per task, keys per transposed block
 const int TB = (T + QB - 1) / QB;
 const float scale = 1.0f / std::sqrt((float)HD);
 #pragma omp parallel
 {
-std::vector<float> block((size_t)HD * KB), s((size_t)G * QB * W), acc(HD);
+const int WP = (W + KB - 1) / KB * KB;  // a score row's length, whole key blocks
+std::vector<float> block((size_t)HD * KB), s((size_t)G * QB * WP), acc(HD);
 int ends[QB];
 #pragma omp for collapse(3) schedule(dynamic, 1)
 for (int b = 0; b < B; b++)
@@ -117,23 +87,26 @@ for (int tb = 0; tb < TB; tb++) {
                 const float* kd = kt + d * KB;
                 for (int j = 0; j < KB; j++) dots[j] += qd * kd[j];
             }
-            float* sr = &s[(size_t)(hh * QB + i) * W + w0];
+            float* sr = &s[(size_t)(hh * QB + i) * WP + w0];
             const mask_type* mr = &@mask(t0 + i, w0);
             for (int j = 0; j < wn; j++) sr[j] = dots[j] * scale + (float)mr[j];
         }
     }
     for (int hh = 0; hh < G; hh++)
     for (int i = 0; i < nq; i++) {  // softmax over the visible span (hidden entries underflow to 0)
-        const int e = ends[i];
-        float* sr = &s[(size_t)(hh * QB + i) * W];
+        const int e = ends[i], padded = (e + KB - 1) / KB * KB;
+        float* sr = &s[(size_t)(hh * QB + i) * WP];
         float peak = HIDDEN;
         for (int w = 0; w < e; w++) peak = std::max(peak, sr[w]);
-        float total = 0.f;
-        for (int w = 0; w < e; w++) { const float p = std::exp(sr[w] - peak); sr[w] = p; total += p; }
+        for (int w = e; w < padded; w++) sr[w] = HIDDEN;
+        for (int w0 = 0; w0 < padded; w0 += KB)  // whole blocks: every score takes the same exp path
+            for (int j = 0; j < KB; j++) sr[w0 + j] = std::exp(sr[w0 + j] - peak);
+        float total = 0.f;  // summed key by key, in order: the same sum whatever T and the row's place
         float* out_acc = acc.data();
         for (int d = 0; d < HD; d++) out_acc[d] = 0.f;
         for (int w = 0; w < e; w++) {
             const float p = sr[w];
+            total += p;
             const vc_type* vr = values + (size_t)w * HD;
             for (int d = 0; d < HD; d++) out_acc[d] += p * (float)vr[d];
         }
@@ -286,8 +259,7 @@ def attend(q: jt.Var, keys: jt.Var, values: jt.Var, mask: jt.Var) -> jt.Var:
     if jt.flags.use_cuda:
         return attend_ops(q, keys, values, mask)
     b, h, t, hd = q.shape
-    src = _SRC if t == 1 else _BLOCKED_SRC
-    return jt.code((b, t, h * hd), q.dtype, [q, keys, values, mask], cpu_header=_HEADER, cpu_src=src)
+    return jt.code((b, t, h * hd), q.dtype, [q, keys, values, mask], cpu_header=_HEADER, cpu_src=_ATTEND_SRC)
 
 
 def attend_ops(q: jt.Var, keys: jt.Var, values: jt.Var, mask: jt.Var) -> jt.Var:

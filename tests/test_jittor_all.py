@@ -105,6 +105,10 @@ def test_attention_kernel_equals_the_op_graph(jt_device, heads, kv, t, length, w
     [got], [want] = against_the_other_path(attend, attend_ops, q, keys, values, mask)
     assert got.shape == (1, t, heads * 16)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    if not jt.flags.use_cuda:  # each query's result is the one it gets alone, bit for bit
+        for i in range(t):
+            alone = attend(q[:, :, i:i + 1], keys, values, mask[i:i + 1]).numpy()
+            np.testing.assert_array_equal(got[:, i], alone[:, 0])
 
 
 def linear_ops(x, weight, bias=None):
@@ -173,6 +177,33 @@ def test_tree_logits_equal_sequential_logits(tiny_dir, name, jt_device):
         seq = prompt + candidates[path[::-1]].tolist()
         ref = logits_np(model, jt_prefill(model, seq, jtl.KVCache(model.args, 128)))[-1]
         np.testing.assert_allclose(tree_logits[node], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_tree_step_logits_equal_plain_decoding_bit_for_bit(tiny_dir):
+    """Up to FEW_ROWS nodes, a node's logits in a tree step are exactly those of decoding its path
+    one token at a time after the same prefill: greedy Medusa is lossless by construction."""
+    if jt.flags.use_cuda:
+        pytest.skip("the CPU kernels' guarantee")
+    model = jtl.load_llama(tiny_dir)
+    paths = list(named_trees()["cpu_medium"]) + [(0, 0, 0, 0, 0, 0)]  # one path as deep as a chain
+    tree = JittorTree.from_buffers(build_buffers(validate(paths)))
+    assert tree.num_nodes <= FEW_ROWS
+    prompt = [(11 * i) % 251 for i in range(FEW_ROWS + 8)]  # a prefill long enough for the GEMM path
+    candidates = np.random.default_rng(1).integers(0, 256, tree.num_nodes).astype(np.int32)
+    cache = jtl.KVCache(model.args, 128)
+    jt_prefill(model, prompt, cache)
+    with jt.no_grad():
+        tree_logits = tree_decode(model, cache, candidates, tree)[1].numpy()
+    plain = jtl.KVCache(model.args, 128)
+    jt_prefill(model, prompt, plain)
+    for node in range(1, tree.num_nodes):
+        path = [node]
+        while path[-1] != 0:
+            path.append(int(tree.parents[path[-1]]))
+        plain.length = len(prompt)  # later entries are stale, hidden by the mask
+        for token in candidates[path[::-1]]:
+            hidden = jt_prefill(model, [int(token)], plain)
+        np.testing.assert_array_equal(tree_logits[node], logits_np(model, hidden)[0])
 
 
 JT_TREE = JittorTree.from_buffers(build_buffers(validate(PATHS)))

@@ -147,9 +147,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         check_writable(plan.out)  # before hours of measuring, not after
         opts = run_options(args)
         questions = load_questions(plan.questions, plan.limit, per_category=plan.per_category)
+        if opts.backend in plan.compare_backends:
+            raise ValueError(f"--compare-backends {opts.backend}: that is --backend already")
         backend = opts.load()
+        others = {name: opts.load(name) for name in plan.compare_backends}
         check_prompts_fit(backend.tokenizer, questions, opts, plan.turns)
-        bench(opts, plan, questions, backend, other_backend_arms(opts, plan))
+        bench(opts, plan, questions, backend, other_backend_arms(others, opts, plan),
+              {name: other.describe() for name, other in others.items()})
     except (ValueError, FileNotFoundError) as err:  # bad input; a later turn past --max-len (engine)
         log.error("%s", err)
         return 2
@@ -157,9 +161,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def bench(opts: RunOptions, plan: BenchPlan, questions: list[dict[str, Any]], backend: Any,
-          extra_arms: Sequence[Arm] = ()) -> dict[str, Any]:
+          extra_arms: Sequence[Arm] = (), compared: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Run every arm (then ``extra_arms``) over the questions; print the table and the JSON line;
-    write ``plan.out``."""
+    write ``plan.out``.  ``compared``: the other backends' ``describe()``, kept in the setup."""
     tok = backend.tokenizer
     cfg = run_config(tok, opts)
     skipped: dict[str, str] = {}
@@ -174,7 +178,8 @@ def bench(opts: RunOptions, plan: BenchPlan, questions: list[dict[str, Any]], ba
             records += recs
             if plan.show_answers:
                 _show(q, recs, answers)
-    result = _result(records, backend.describe(), {**asdict(opts), **asdict(plan)}, opts.temperature == 0, skipped)
+    setup = {**backend.describe(), **({"compared_backends": compared} if compared else {})}
+    result = _result(records, setup, {**asdict(opts), **asdict(plan)}, opts.temperature == 0, skipped)
     print(format_report(result, opts.dtype))
     if plan.out:
         plan.out.parent.mkdir(parents=True, exist_ok=True)
@@ -183,16 +188,11 @@ def bench(opts: RunOptions, plan: BenchPlan, questions: list[dict[str, Any]], ba
     return result
 
 
-def other_backend_arms(opts: RunOptions, plan: BenchPlan) -> list[Arm]:
-    """The engine arms of ``plan.compare_backends`` (each loaded with ``opts``), named BACKEND:ARM."""
-    arms = []
-    for name in plan.compare_backends:
-        if name == opts.backend:
-            raise ValueError(f"--compare-backends {name}: that is --backend already")
-        engine = [arm for arm in plan.arm_names if not arm.startswith("hf")]
-        for arm in _arms(engine, opts.load(name), opts, {}):
-            arms.append(replace(arm, name=f"{name}:{arm.name}"))
-    return arms
+def other_backend_arms(others: dict[str, Any], opts: RunOptions, plan: BenchPlan) -> list[Arm]:
+    """The engine arms (not HF's) of each loaded backend in ``others``, named BACKEND:ARM."""
+    engine = [arm for arm in plan.arm_names if not arm.startswith("hf")]
+    return [replace(arm, name=f"{name}:{arm.name}") for name, other in others.items()
+            for arm in _arms(engine, other, opts, {})]
 
 
 def reference_of(arm: str, arms: set[str]) -> str:
@@ -208,7 +208,7 @@ def _warm_up(arm: Arm, tok: Any, question: dict[str, Any], cfg: GenerationConfig
     try:
         warm_up(arm, tok, question, cfg, template)
     except BackendError as err:
-        if arm.name not in DRAFT_ARMS:
+        if arm.name.rsplit(":", 1)[-1] not in DRAFT_ARMS:  # jittor:ngram is a draft arm too
             raise
         log.warning("arm %s skipped: %s", arm.name, err)
         skipped[arm.name] = str(err)
@@ -391,7 +391,7 @@ def _last_line(result: dict[str, Any], opts: RunOptions) -> dict[str, Any]:
                for r in result["table"] if r["category"] == "all"}
     return {"backend": opts.backend, "dtype": opts.dtype, "summary": overall, "speedup": result["speedup"],
             "outputs_identical": result["outputs_identical"],
-            "agreement": {a: {k: v[k] for k in ("identical", "compared", "share_identical")}
+            "agreement": {a: {k: v[k] for k in ("reference", "identical", "compared", "share_identical")}
                           for a, v in result["agreement"].items()},
             "skipped_arms": result["skipped_arms"], "ms_per_medusa_step": result["setup"].get("ms_per_step")}
 

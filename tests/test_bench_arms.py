@@ -147,8 +147,8 @@ def test_a_mismatching_arm_is_reported_with_its_first_divergence(tiny, capsys):
     assert result["agreement"]["heads"]["identical"] == 2 and result["outputs_identical"] is False
     assert ("lossy vs baseline (float32, greedy): 0/2 outputs identical; "
             "first divergence: q1 turn 1 at token 2, t1 turn 1 at token 2") in printed
-    assert json.loads(printed.strip().splitlines()[-1])["agreement"]["lossy"] == {"identical": 0, "compared": 2,
-                                                                                   "share_identical": 0.0}
+    assert json.loads(printed.strip().splitlines()[-1])["agreement"]["lossy"] == {"reference": "baseline", "identical": 0,
+                                                                                   "compared": 2, "share_identical": 0.0}
     assert [r["identical"] for r in result["table"] if r["arm"] == "lossy"] == [0, 0, 0]
 
 
@@ -247,6 +247,8 @@ def test_compare_backends_runs_their_arms_in_the_same_turns(tiny, questions_file
                                                   "identical": 2, "compared": 2}
     assert "jittor:both vs jittor:baseline (float32, greedy): 2/2 outputs identical" in printed
     assert last["summary"]["jittor:both"]["speedup"] > 0
+    assert last["agreement"]["jittor:both"]["reference"] == "jittor:baseline"
+    assert result["setup"]["compared_backends"]["jittor"]["backend"] == "jittor"
 
 
 def test_compare_backends_refuses_the_backend_already_run(tiny, questions_file, tmp_path, caplog):
@@ -255,6 +257,6 @@ def test_compare_backends_refuses_the_backend_already_run(tiny, questions_file, 
             "--limit", 1, "--max-new-tokens", 2, "--compare-backends", "torch", "--out", out]
     with caplog.at_level(logging.ERROR):
         assert bench_speed.main([str(a) for a in argv]) == 2
-    assert "--compare-backends torch: that is --backend already" in caplog.text and not out.exists()
+    assert caplog.text.count("--compare-backends torch: that is --backend already") == 1 and not out.exists()
     with pytest.raises(SystemExit):
         bench_speed.main(["--compare-backends", "tensorflow"])

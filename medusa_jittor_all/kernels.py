@@ -1,5 +1,5 @@
 """The parts of the Jittor Llama written as C++ loop nests on the CPU: attention, RoPE + head
-split, RMSNorm.  Each has a twin made of Jittor ops (``*_ops``): the CUDA path, and the kernel's
+split, RMSNorm, SwiGLU and the few-row linears.  Each has a twin made of Jittor ops (``*_ops``): the CUDA path, and the kernel's
 oracle in the tests.
 
 Why: a decoding step of the op-graph model ran ~1,400-1,650 small kernels; Jittor's per-kernel
@@ -25,12 +25,15 @@ output rows at a time; Jittor's matmul turns 2+ rows into a GEMM that costs ~1.5
 lm_head: 7 ms for 1 row, 15 ms for 3), while this loop runs 3 rows in ~1.1x one row's time.  Longer
 inputs (a prefill) use the GEMM.
 
-Both are written so that a query's result does not depend on the other queries: each key's score
-is a dot product in one order, every score goes through the same exp (whole key blocks), the
-softmax and the value sum add key by key in cache order (a hidden entry adds an exact 0), and each
-linear output is one dot product whatever the row count.  A node of a tree step (up to
-``FEW_ROWS`` nodes) thus gets the logits of decoding its path token by token, bit for bit: greedy
-Medusa is lossless by construction here, not by luck of rounding.
+All of them are written so that a row's result does not depend on the other rows: each key's
+score is a dot product in one order, every score goes through the same exp (whole key blocks, in
+64-byte aligned rows), the softmax and the value sum add key by key in cache order (a hidden entry
+adds an exact 0), each linear output is one dot product whatever the row count, and RMSNorm, RoPE
+and SwiGLU loop row by row (Jittor's fused SiLU runs one loop over all rows, so the tail columns
+of one row took a scalar path and of several rows a vector one).  A node of a tree step (up to
+``FEW_ROWS`` nodes) thus gets the logits of decoding its path token by token, bit for bit, on GCC's
+code for this CPU (a test checks it): greedy Medusa is lossless by construction here, not by luck
+of rounding.
 """
 from __future__ import annotations
 
@@ -38,7 +41,7 @@ from medusa_jittor.runtime import jt
 
 HIDDEN = -1e29  # additive mask entries below this are skipped (the mask uses NEG_INF = -1e30)
 
-_HEADER = "#include <algorithm>\n#include <cmath>\n#include <vector>"
+_HEADER = "#include <algorithm>\n#include <cmath>\n#include <cstdint>\n#include <vector>"
 _ATTEND_SRC = r"""
 @alias(q, in0)
 @alias(kc, in1)
@@ -53,7 +56,9 @@ const float scale = 1.0f / std::sqrt((float)HD);
 #pragma omp parallel
 {
 const int WP = (W + KB - 1) / KB * KB;  // a score row's length, whole key blocks
-std::vector<float> block((size_t)HD * KB), s((size_t)G * QB * WP), acc(HD);
+std::vector<float> block((size_t)HD * KB), scores((size_t)G * QB * WP + 16), acc(HD);
+// rows 64-byte aligned, whatever the allocator gives: no loop gets peeled at a varying point
+float* s = (float*)(((std::uintptr_t)scores.data() + 63) & ~(std::uintptr_t)63);
 int ends[QB];
 #pragma omp for collapse(3) schedule(dynamic, 1)
 for (int b = 0; b < B; b++)
@@ -119,7 +124,9 @@ for (int tb = 0; tb < TB; tb++) {
 """.replace("HIDDEN", f"({HIDDEN:.0e}f)")
 
 
-FEW_ROWS = 32  # rows up to which ``linear`` runs its own loop nest (measured faster up to 32 here)
+# Rows up to which ``linear`` runs its own loop nest: measured faster up to 32 here, and the bound of
+# the bit-for-bit guarantee (a longer tree's linears run as a GEMM, whose rounding depends on T).
+FEW_ROWS = 32
 
 _LINEAR_SRC = r"""
 @alias(x, in0)
@@ -160,6 +167,22 @@ for (int o0 = 0; o0 < O; o0 += 4) {
 }
 """
 
+
+_SWIGLU_SRC = r"""
+@alias(gu, in0)
+@alias(y, out0)
+const int R = gu_shape0, I = y_shape1;
+#pragma omp parallel for
+for (int r = 0; r < R; r++) {  // row by row: a column takes the same exp path whatever R
+    const gu_type* gate = &@gu(r, 0);
+    const gu_type* up = gate + I;
+    y_type* out = &@y(r, 0);
+    for (int c = 0; c < I; c++) {
+        const float g = (float)gate[c];
+        out[c] = (y_type)(g / (1.f + std::exp(-g)) * (float)up[c]);
+    }
+}
+"""
 
 _ROPE_SRC = r"""
 @alias(qkv, in0)
@@ -285,3 +308,19 @@ def linear(x: jt.Var, weight: jt.Var, bias: jt.Var | None = None) -> jt.Var:
         y = jt.code((rows.shape[0], weight.shape[0]), x.dtype, [rows, weight], cpu_src=_LINEAR_SRC)
     y = y.reshape(*x.shape[:-1], weight.shape[0])
     return y if bias is None else y + bias
+
+
+def swiglu(gate_up: jt.Var) -> jt.Var:
+    """[..., 2 I] (gate then up, as ``w13`` writes them) -> silu(gate) * up [..., I]."""
+    inter = gate_up.shape[-1] // 2
+    if jt.flags.use_cuda:
+        return swiglu_ops(gate_up)
+    rows = gate_up.reshape(-1, 2 * inter)
+    y = jt.code((rows.shape[0], inter), gate_up.dtype, [rows], cpu_header=_HEADER, cpu_src=_SWIGLU_SRC)
+    return y.reshape(*gate_up.shape[:-1], inter)
+
+
+def swiglu_ops(gate_up: jt.Var) -> jt.Var:
+    """``swiglu`` as Jittor ops (one fused loop over all rows: a column's rounding depends on their number)."""
+    inter = gate_up.shape[-1] // 2
+    return jt.nn.silu(gate_up[..., :inter]) * gate_up[..., inter:]

@@ -25,7 +25,7 @@ from medusa.core.models import ModelError, load_args
 from medusa.core.weights import our_state, read_hf_numpy
 from medusa_jittor.runtime import jt
 
-from .kernels import attend, linear, rms_norm, split_heads
+from .kernels import attend, linear, rms_norm, split_heads, swiglu
 
 nn = jt.nn
 WINDOW = 32  # attention reads the cache in buckets of this many positions (sizes never trigger compiles)
@@ -119,13 +119,11 @@ class FeedForward(nn.Module):
 
     def __init__(self, args: LlamaArgs) -> None:
         super().__init__()
-        self.inter = args.intermediate_size
         self.w13 = Linear(args.hidden_size, 2 * args.intermediate_size, bias=args.mlp_bias)
         self.w2 = Linear(args.intermediate_size, args.hidden_size, bias=args.mlp_bias)
 
     def execute(self, x: jt.Var) -> jt.Var:
-        gate_up = self.w13(x)
-        return self.w2(nn.silu(gate_up[..., :self.inter]) * gate_up[..., self.inter:])
+        return self.w2(swiglu(self.w13(x)))
 
 
 class TransformerBlock(nn.Module):

@@ -26,8 +26,8 @@ import medusa_jittor_all.llama as jtl  # noqa: E402
 from medusa_jittor.heads import MedusaHeads  # noqa: E402
 from medusa_jittor_all.backend import JittorDecoder  # noqa: E402
 from medusa_jittor_all.decoding import JittorTree, additive_mask, evaluate_posterior, tree_decode  # noqa: E402
-from medusa_jittor_all.kernels import (FEW_ROWS, attend, attend_ops, linear, rms_norm, rms_norm_ops, split_heads,  # noqa: E402
-                                       split_heads_ops)
+from medusa_jittor_all.kernels import (FEW_ROWS, attend, attend_ops, linear, rms_norm, rms_norm_ops,  # noqa: E402
+                                       split_heads, split_heads_ops, swiglu, swiglu_ops)
 
 
 def jt_prefill(model, ids, cache):
@@ -129,6 +129,17 @@ def test_linear_kernel_equals_the_op_graph_and_ignores_the_row_count(jt_device, 
         np.testing.assert_array_equal(got[0], alone)
 
 
+@pytest.mark.parametrize("rows,inter", [(1, 102), (5, 102), (3, 64)])  # 102: columns past whole vectors
+def test_swiglu_kernel_equals_the_op_graph_and_ignores_the_row_count(jt_device, rows, inter):
+    x = jt.array(np.random.default_rng(inter).standard_normal((1, rows, 2 * inter)).astype(np.float32) * 4)
+    [got], [want] = against_the_other_path(swiglu, swiglu_ops, x)
+    assert got.shape == (1, rows, inter)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    if not jt.flags.use_cuda:
+        alone = np.stack([swiglu(x[:, r:r + 1]).numpy()[0, 0] for r in range(rows)])
+        np.testing.assert_array_equal(got[0], alone)
+
+
 def test_linear_runs_longer_inputs_as_a_matmul():
     x = jt.array(np.ones((FEW_ROWS + 1, 8), dtype=np.float32))
     assert not traced(linear, x, jt.array(np.ones((4, 8), dtype=np.float32)))[1]
@@ -179,16 +190,22 @@ def test_tree_logits_equal_sequential_logits(tiny_dir, name, jt_device):
         np.testing.assert_allclose(tree_logits[node], ref, rtol=1e-4, atol=1e-4)
 
 
-def test_tree_step_logits_equal_plain_decoding_bit_for_bit(tiny_dir):
+@pytest.mark.parametrize("inter,prompt_len", [
+    (128, FEW_ROWS + 8),  # a prompt long enough for the GEMM prefill; tree and plain steps share a window
+    (102, 20),  # columns past the last whole SIMD vector; the tree's window is wider than the plain steps'
+])
+def test_tree_step_logits_equal_plain_decoding_bit_for_bit(tmp_path, inter, prompt_len):
     """Up to FEW_ROWS nodes, a node's logits in a tree step are exactly those of decoding its path
-    one token at a time after the same prefill: greedy Medusa is lossless by construction."""
+    one token at a time after the same prefill, and the accepted path's cache entries are exactly
+    plain decoding's: greedy Medusa is lossless by construction."""
     if jt.flags.use_cuda:
         pytest.skip("the CPU kernels' guarantee")
-    model = jtl.load_llama(tiny_dir)
+    make_hf_model(tmp_path, intermediate_size=inter)
+    model = jtl.load_llama(tmp_path)
     paths = list(named_trees()["cpu_medium"]) + [(0, 0, 0, 0, 0, 0)]  # one path as deep as a chain
     tree = JittorTree.from_buffers(build_buffers(validate(paths)))
     assert tree.num_nodes <= FEW_ROWS
-    prompt = [(11 * i) % 251 for i in range(FEW_ROWS + 8)]  # a prefill long enough for the GEMM path
+    prompt = [(11 * i) % 251 for i in range(prompt_len)]
     candidates = np.random.default_rng(1).integers(0, 256, tree.num_nodes).astype(np.int32)
     cache = jtl.KVCache(model.args, 128)
     jt_prefill(model, prompt, cache)
@@ -196,14 +213,18 @@ def test_tree_step_logits_equal_plain_decoding_bit_for_bit(tiny_dir):
         tree_logits = tree_decode(model, cache, candidates, tree)[1].numpy()
     plain = jtl.KVCache(model.args, 128)
     jt_prefill(model, prompt, plain)
-    for node in range(1, tree.num_nodes):
+    for node in range(tree.num_nodes):
         path = [node]
         while path[-1] != 0:
             path.append(int(tree.parents[path[-1]]))
-        plain.length = len(prompt)  # later entries are stale, hidden by the mask
+        plain.length = prompt_len  # later entries are stale, hidden by the mask
         for token in candidates[path[::-1]]:
             hidden = jt_prefill(model, [int(token)], plain)
         np.testing.assert_array_equal(tree_logits[node], logits_np(model, hidden)[0])
+    cache.compact(np.array(path[::-1]), tree.buffers.depth + 1)  # accept the path decoded last
+    assert cache.length == plain.length
+    for mine, theirs in zip(cache.k + cache.v, plain.k + plain.v):
+        np.testing.assert_array_equal(mine.numpy()[:, :, :cache.length], theirs.numpy()[:, :, :cache.length])
 
 
 JT_TREE = JittorTree.from_buffers(build_buffers(validate(PATHS)))
